@@ -1,0 +1,1 @@
+"""Data set builders for amused."""

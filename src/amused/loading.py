@@ -1,0 +1,195 @@
+"""Checkpoint I/O in the published diffusers layout, with safetensors only unless told otherwise.
+
+    model_index.json
+    transformer/config.json + diffusion_pytorch_model[.fp16].safetensors   (UVit2DModel)
+    vqvae/config.json       + diffusion_pytorch_model[.fp16].safetensors   (VQModel)
+    text_encoder/config.json + model[.fp16].safetensors                    (transformers)
+    tokenizer/...                                                          (transformers)
+    scheduler/scheduler_config.json                                        (AmusedScheduler)
+
+A hub id ("amused/amused-256") downloads through huggingface_hub; a folder is read as it is. Every error
+names the file it is about. Files are written atomically (temp file + rename), so an interrupted save never
+leaves a half-written weight file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+DIFFUSERS_VERSION = "0.42.1"  # the version whose layout we write, so diffusers can read our saves
+
+# Sizes past these are refused before anything is allocated (a config is untrusted input).
+MAX_WIDTH = 16384
+MAX_LAYERS = 256
+MAX_VOCAB = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Locating files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve(path_or_id: str | os.PathLike, variant: str | None = None, cache_dir: str | None = None,
+            local_files_only: bool = False) -> Path:
+    """A local folder as is, or a hub id downloaded (only the files the layout needs) into the HF cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; give the checkpoint folder (the one holding model_index.json)")
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint folder {text} does not exist (and is not a hub id like 'amused/amused-256')")
+    from huggingface_hub import snapshot_download
+
+    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
+    patterns = ["*.json", "*.txt", weights]
+    try:
+        return Path(snapshot_download(text, allow_patterns=patterns, cache_dir=cache_dir,
+                                      local_files_only=local_files_only))
+    except Exception as e:  # network, auth, missing repo: say which id failed and why
+        raise CheckpointError(f"could not download {text} from the Hugging Face hub: {e}") from e
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt JSON in {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def weights_file(folder: Path, name: str = WEIGHTS_NAME, variant: str | None = None,
+                 allow_pickle: bool = False) -> Path:
+    """The weight file of a component folder, refusing pickles unless `allow_pickle`."""
+    stem = f"{name}.{variant}" if variant else name
+    candidate = folder / f"{stem}.safetensors"
+    if candidate.is_file():
+        return candidate
+    pickles = [folder / f"{stem}{s}" for s in PICKLE_SUFFIXES if (folder / f"{stem}{s}").is_file()]
+    if pickles and allow_pickle:
+        return pickles[0]
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if pickles:
+        raise CheckpointError(f"{pickles[0]} is a pickle file, which can run code when loaded; refusing it. Convert "
+                              f"it to safetensors, or pass allow_pickle=True if you trust its source")
+    raise CheckpointError(f"missing weight file {candidate} (folder holds: {', '.join(present) or 'nothing'})")
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)  # only reached with allow_pickle
+    except (SafetensorError, OSError, RuntimeError, Exception) as e:
+        raise CheckpointError(f"corrupt or unreadable weight file {path}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def config_from_dict(cls, data: dict[str, Any], source: Path):
+    """Build a config dataclass, ignoring diffusers' bookkeeping keys ("_class_name", ...) and refusing others."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in data if not k.startswith("_") and k not in fields)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown config keys {unknown} for {cls.__name__}")
+    values = {k: v for k, v in data.items() if k in fields}
+    check_sizes(values, source)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def check_sizes(values: dict[str, Any], source: Path) -> None:
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, int):
+                continue
+            limit = MAX_LAYERS if ("layers" in key or "blocks" in key) else (
+                MAX_VOCAB if ("vocab" in key or "codebook" in key or "embeddings" in key) else MAX_WIDTH)
+            if v < 0 or v > limit:
+                raise CheckpointError(f"{source}: {key}={value} is outside the allowed range [0, {limit}]")
+
+
+def config_to_dict(config, class_name: str) -> dict[str, Any]:
+    return {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **dataclasses.asdict(config)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, dtype: torch.dtype | None = None,
+               allow_pickle: bool = False) -> nn.Module:
+    """Build `model_cls(config)` from `folder/config.json` and load its weights strictly."""
+    config = config_from_dict(config_cls, read_json(folder / "config.json"), folder / "config.json")
+    path = weights_file(folder, variant=variant, allow_pickle=allow_pickle)
+    state = load_state_dict(path)
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit {model_cls.__name__}: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config gives "
+                                  f"{tuple(expected[key].shape)}")
+        if dtype is not None and tensor.is_floating_point():
+            state[key] = tensor.to(dtype)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename over `path`, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def save_model(model: nn.Module, folder: Path, class_name: str, variant: str | None = None) -> None:
+    """config.json + safetensors weights, as diffusers writes them."""
+    write_json(folder / "config.json", config_to_dict(model.config, class_name))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    stem = f"{WEIGHTS_NAME}.{variant}" if variant else WEIGHTS_NAME
+    atomic_write(folder / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))

@@ -1,0 +1,77 @@
+"""Prompt encoder: a Hugging Face text model + tokenizer -> (per-token states, pooled vector).
+
+aMUSEd conditions on CLIP-L/14's text tower (`CLIPTextModelWithProjection`): cross-attention reads the
+PENULTIMATE layer's states (77 x 768, padded to the tokenizer's max length) and the adaptive norms read the
+pooled, projected `text_embeds`. Other encoders (the small embedded model uses a sentence-transformer BERT)
+give their penultimate states and a mean-pooled vector over the real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TextEncoder(nn.Module):
+    """Wraps a transformers text model and its tokenizer.
+
+    Args:
+        model: `CLIPTextModelWithProjection`, or any transformers encoder that returns hidden states.
+        tokenizer: the matching tokenizer.
+        max_length: tokens per prompt after padding/truncation (the tokenizer's `model_max_length` by default).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        limit = getattr(model.config, "max_position_embeddings", None) or 512
+        self.max_length = min(max_length or tokenizer.model_max_length, limit)
+        self.is_clip = hasattr(model, "text_projection")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens the prompt needs, special tokens included (to tell the user about truncation)."""
+        return len(self.tokenizer(prompt, truncation=False)["input_ids"])
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts.
+
+        Args:
+            prompts: list of B strings.
+
+        Returns:
+            hidden: (B, max_length, hidden) penultimate-layer states.
+            pooled: (B, pooled_dim) pooled embedding.
+        """
+        batch = self.tokenize(list(prompts))
+        ids = batch["input_ids"].to(self.device)
+        if self.is_clip:  # CLIP's causal mask covers padding; aMUSEd passes no attention mask
+            out = self.model(ids, output_hidden_states=True, return_dict=True)
+            return out.hidden_states[-2], out.text_embeds
+        mask = batch["attention_mask"].to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[-2]
+        last = out.hidden_states[-1]
+        weights = mask[..., None].to(last.dtype)
+        pooled = (last * weights).sum(1) / weights.sum(1).clamp(min=1)  # mean over real tokens
+        return hidden, pooled
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def pooled_size(self) -> int:
+        return getattr(self.model.config, "projection_dim", None) if self.is_clip else self.hidden_size

@@ -1,0 +1,270 @@
+"""The aMUSEd U-ViT: a masked-token transformer over VQ token grids (aMUSEd, arXiv 2401.01808).
+
+Layout, top to bottom:
+    token ids (B, h, w) -> embedding + RMSNorm + 1x1 conv            (conv "embed")
+    -> down block: [optional 2x2 stride-2 downsample] + N x (ConvNeXt block, cross-attention block)
+    -> project to hidden -> L x transformer layer (self-attn, cross-attn to text, GEGLU MLP, adaptive norms)
+    -> project back -> up block: N x (ConvNeXt, cross-attention) + [optional 2x2 transposed-conv upsample]
+    -> MLM head: 1x1 conv + RMSNorm + 1x1 conv to codebook logits (B, codebook, h, w).
+Conditioning: text states (penultimate CLIP layer) feed every cross-attention; the pooled text embedding
+concatenated with sinusoidal micro-conditioning feeds every adaptive norm. No positional embeddings.
+
+Parameter names equal those of diffusers' `UVit2DModel`, so the published checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import AdaNorm, Attention, FeedForward, GlobalResponseNorm, RMSNorm, sinusoidal_embedding
+
+
+@dataclass
+class UViTConfig:
+    """U-ViT hyper-parameters; field names are those of the published `transformer/config.json`."""
+
+    hidden_size: int = 1024  # width of the transformer layers
+    use_bias: bool = False  # biases in linear/conv layers (the published model has none)
+    hidden_dropout: float = 0.0
+    cond_embed_dim: int = 768  # pooled text embedding width
+    micro_cond_encode_dim: int = 256  # sinusoidal width per micro-conditioning number
+    micro_cond_embed_dim: int = 1280  # 5 numbers x micro_cond_encode_dim
+    encoder_hidden_size: int = 768  # text hidden-state width
+    vocab_size: int = 8256  # codebook + mask token, padded
+    codebook_size: int = 8192  # logits are produced for codes only, never for the mask
+    in_channels: int = 768  # token embedding width
+    block_out_channels: int = 768  # width of the conv blocks
+    num_res_blocks: int = 3  # (ConvNeXt, attention) pairs in each of the down and up blocks
+    downsample: bool = False  # 2x down before the transformer (amused-512: 32x32 -> 16x16 tokens)
+    upsample: bool = False
+    block_num_heads: int = 12  # heads in the conv blocks' attention
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 16
+    attention_dropout: float = 0.0
+    intermediate_size: int = 2816  # GEGLU inner width
+    layer_norm_eps: float = 1e-6
+    ln_elementwise_affine: bool = True
+    sample_size: int = 64  # token grid side the model was trained on (16 for amused-256, 32 for amused-512)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.block_out_channels % self.block_num_heads:
+            raise ValueError(f"block_out_channels {self.block_out_channels} is not divisible by block_num_heads "
+                             f"{self.block_num_heads}")
+        if self.micro_cond_embed_dim % self.micro_cond_encode_dim:
+            raise ValueError("micro_cond_embed_dim must be a multiple of micro_cond_encode_dim")
+        if self.codebook_size >= self.vocab_size:
+            raise ValueError(f"codebook_size {self.codebook_size} must be smaller than vocab_size {self.vocab_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conv blocks (run at token-grid resolution, before and after the transformer)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ConvEmbed(nn.Module):
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.in_channels)
+        self.layer_norm = RMSNorm(cfg.in_channels, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.conv = nn.Conv2d(cfg.in_channels, cfg.block_out_channels, 1, bias=cfg.use_bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(self.embeddings(ids))  # (B, h, w, C_in)
+        return self.conv(x.permute(0, 3, 1, 2))  # (B, C, h, w)
+
+
+class ConvNextBlock(nn.Module):
+    """Depthwise 3x3 conv, channel MLP with GRN, residual, then FiLM from the conditioning vector."""
+
+    def __init__(self, cfg: UViTConfig, expansion: int = 4):
+        super().__init__()
+        c = cfg.block_out_channels
+        self.depthwise = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=cfg.use_bias)
+        self.norm = RMSNorm(c, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.channelwise_linear_1 = nn.Linear(c, c * expansion, bias=cfg.use_bias)
+        self.channelwise_norm = GlobalResponseNorm(c * expansion)
+        self.channelwise_linear_2 = nn.Linear(c * expansion, c, bias=cfg.use_bias)
+        self.channelwise_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.cond_embeds_mapper = nn.Linear(cfg.hidden_size, c * 2, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.depthwise(x).permute(0, 2, 3, 1))  # (B, h, w, C)
+        h = self.channelwise_linear_1(h)
+        h = self.channelwise_norm(F.gelu(h))
+        h = self.channelwise_dropout(self.channelwise_linear_2(h))
+        x = x + h.permute(0, 3, 1, 2)
+        scale, shift = self.cond_embeds_mapper(F.silu(cond)).chunk(2, dim=1)  # (B, C) each
+        return x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+
+
+class BlockAttention(nn.Module):
+    """Two cross-attentions from the grid to the (re-projected) text states, each pre-normed, residual."""
+
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        c = cfg.block_out_channels
+        head_dim = c // cfg.block_num_heads
+        self.kv_mapper = nn.Linear(cfg.hidden_size, c, bias=cfg.use_bias) if cfg.hidden_size != c else None
+        self.norm1 = RMSNorm(c, 1e-6)
+        self.attn1 = Attention(c, cfg.block_num_heads, head_dim, c, cfg.use_bias, cfg.use_bias)
+        self.norm2 = RMSNorm(c, 1e-6)
+        self.attn2 = Attention(c, cfg.block_num_heads, head_dim, c, cfg.use_bias, cfg.use_bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self.kv_mapper is not None:
+            text = self.kv_mapper(F.silu(text))  # (B, S, C)
+        x = x + self.attn1(self.norm1(x), text)
+        return x + self.attn2(self.norm2(x), text)
+
+
+class Resample(nn.Module):
+    """RMSNorm then a 2x2 stride-2 conv (down) or transposed conv (up)."""
+
+    def __init__(self, cfg: UViTConfig, up: bool):
+        super().__init__()
+        c = cfg.block_out_channels
+        self.norm = RMSNorm(c, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        conv = nn.ConvTranspose2d if up else nn.Conv2d
+        self.conv = conv(c, c, kernel_size=2, stride=2, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+class UViTBlock(nn.Module):
+    def __init__(self, cfg: UViTConfig, downsample: bool, upsample: bool):
+        super().__init__()
+        self.downsample = Resample(cfg, up=False) if downsample else None
+        self.res_blocks = nn.ModuleList([ConvNextBlock(cfg) for _ in range(cfg.num_res_blocks)])
+        self.attention_blocks = nn.ModuleList([BlockAttention(cfg) for _ in range(cfg.num_res_blocks)])
+        self.upsample = Resample(cfg, up=True) if upsample else None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for res_block, attention_block in zip(self.res_blocks, self.attention_blocks):
+            x = res_block(x, cond)
+            B, C, H, W = x.shape
+            x = attention_block(x.flatten(2).transpose(1, 2), text)  # (B, H*W, C)
+            x = x.transpose(1, 2).reshape(B, C, H, W)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transformer layers (run on the flattened, possibly downsampled grid)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm self-attention, cross-attention to text, GEGLU MLP; every norm is adaptive."""
+
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        d, eps, affine, bias = cfg.hidden_size, cfg.layer_norm_eps, cfg.ln_elementwise_affine, cfg.use_bias
+        head_dim = d // cfg.num_attention_heads
+        self.norm1 = AdaNorm(d, d, "rms", eps, affine, bias)
+        self.attn1 = Attention(d, cfg.num_attention_heads, head_dim, None, bias, bias)
+        self.norm2 = AdaNorm(d, d, "rms", eps, affine, bias)
+        self.attn2 = Attention(d, cfg.num_attention_heads, head_dim, d, bias, bias)
+        self.norm3 = AdaNorm(d, d, "layer", eps, affine, bias)
+        self.ff = FeedForward(d, cfg.intermediate_size, cfg.hidden_dropout, bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x, cond))
+        x = x + self.attn2(self.norm2(x, cond), text)
+        return x + self.ff(self.norm3(x, cond))
+
+
+class CondEmbedding(nn.Module):
+    """MLP from [pooled text | micro-conditioning features] to the hidden width."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
+        self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class UViT(nn.Module):
+    """The aMUSEd masked-token transformer. See the module docstring for the layout."""
+
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        self.config = cfg
+        d, eps, affine, bias = cfg.hidden_size, cfg.layer_norm_eps, cfg.ln_elementwise_affine, cfg.use_bias
+        self.encoder_proj = nn.Linear(cfg.encoder_hidden_size, d, bias=bias)
+        self.encoder_proj_layer_norm = RMSNorm(d, eps, affine)
+        self.embed = ConvEmbed(cfg)
+        self.cond_embed = CondEmbedding(cfg.micro_cond_embed_dim + cfg.cond_embed_dim, d, bias)
+        self.down_block = UViTBlock(cfg, downsample=cfg.downsample, upsample=False)
+        self.project_to_hidden_norm = RMSNorm(cfg.block_out_channels, eps, affine)
+        self.project_to_hidden = nn.Linear(cfg.block_out_channels, d, bias=bias)
+        self.transformer_layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.project_from_hidden_norm = RMSNorm(d, eps, affine)
+        self.project_from_hidden = nn.Linear(d, cfg.block_out_channels, bias=bias)
+        self.up_block = UViTBlock(cfg, downsample=False, upsample=cfg.upsample)
+        self.mlm_layer = MlmHead(cfg)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder_proj.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_text_emb: torch.Tensor,
+                micro_conds: torch.Tensor) -> torch.Tensor:
+        """Logits over the codebook for every grid position.
+
+        Args:
+            input_ids: (B, h, w) token ids; the mask token is `config.mask_token_id`.
+            encoder_hidden_states: (B, S, encoder_hidden_size) text states.
+            pooled_text_emb: (B, cond_embed_dim) pooled text embedding.
+            micro_conds: (B, 5) [width, height, crop_top, crop_left, aesthetic_score].
+
+        Returns:
+            (B, codebook_size, h, w) logits.
+        """
+        text = self.encoder_proj_layer_norm(self.encoder_proj(encoder_hidden_states))  # (B, S, d)
+        B = input_ids.shape[0]
+        micro = sinusoidal_embedding(micro_conds.flatten(), self.config.micro_cond_encode_dim).reshape(B, -1)
+        cond = torch.cat([pooled_text_emb, micro], dim=1).to(self.dtype)
+        cond = self.cond_embed(cond).to(text.dtype)  # (B, d)
+
+        x = self.down_block(self.embed(input_ids), cond, text)  # (B, C, h', w')
+        _, C, H, W = x.shape
+        x = self.project_to_hidden(self.project_to_hidden_norm(x.permute(0, 2, 3, 1).reshape(B, H * W, C)))
+        for layer in self.transformer_layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, text, cond, use_reentrant=False)
+            else:
+                x = layer(x, text, cond)  # (B, H*W, d)
+        x = self.project_from_hidden(self.project_from_hidden_norm(x))
+        x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)
+        return self.mlm_layer(self.up_block(x, cond, text))
+
+
+class MlmHead(nn.Module):
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cfg.block_out_channels, cfg.in_channels, 1, bias=cfg.use_bias)
+        self.layer_norm = RMSNorm(cfg.in_channels, cfg.layer_norm_eps, cfg.ln_elementwise_affine)
+        self.conv2 = nn.Conv2d(cfg.in_channels, cfg.codebook_size, 1, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(self.conv1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv2(x)  # (B, codebook, h, w)

@@ -1,0 +1,532 @@
+"""Text-to-image, img2img and inpainting with aMUSEd, as drop-in replacements of diffusers' deprecated
+`AmusedPipeline`, `AmusedImg2ImgPipeline` and `AmusedInpaintPipeline` (same argument names and defaults).
+
+Each task only prepares a starting token grid; all three run the same MaskGIT loop (`sampling.decode`):
+    text-to-image: every token masked;
+    img2img: the image's tokens with a `strength` fraction masked, entering the schedule part-way;
+    inpainting: the image's tokens with those under the mask masked (linear schedule by default).
+
+Differences from the reference, on purpose (shared/REFERENCE.md lists its defects):
+    - img2img at strength=1.0 regenerates the whole image (the reference masks almost nothing);
+    - the inpainting pipeline does not switch the shared scheduler to the linear schedule for everyone;
+    - already-decided tokens are never re-masked, whatever the dtype;
+    - mask counts follow each sample's own unknown tokens;
+    - one negative prompt applies to every prompt of a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import sampling
+from .images import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, resize
+from .loading import (CheckpointError, config_to_dict, load_model, read_json, resolve, save_model, write_json)
+from .models.text_encoder import TextEncoder
+from .models.uvit import UViT, UViTConfig
+from .models.vqgan import VQGAN, VQGANConfig
+
+
+@dataclass
+class SchedulerConfig:
+    """The `scheduler/` component: which token is the mask and how the mask shrinks over the steps."""
+
+    mask_token_id: int = 8255
+    masking_schedule: str = "cosine"
+
+    @property
+    def config(self) -> "SchedulerConfig":  # diffusers users read pipe.scheduler.config.X
+        return self
+
+
+@dataclass
+class AmusedPipelineOutput:
+    images: Any  # list of PIL images, (B, H, W, 3) numpy array, (B, 3, H, W) tensor, or (B, h, w) token ids
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning for one call, in guidance order: [negatives..., positives...] when guided."""
+
+    hidden: torch.Tensor  # (B or 2B, S, D)
+    pooled: torch.Tensor  # (B or 2B, P)
+
+
+class AmusedPipeline:
+    """Text-to-image; `AmusedImg2ImgPipeline` and `AmusedInpaintPipeline` add the image tasks.
+
+    Args:
+        vqvae: the VQGAN tokenizer.
+        tokenizer: the text tokenizer (transformers).
+        text_encoder: the text model (transformers; CLIPTextModelWithProjection for published checkpoints).
+        transformer: the U-ViT.
+        scheduler: mask token id and masking schedule.
+    """
+
+    default_schedule: str | None = None  # None: the scheduler's own
+    default_strength: float | None = None
+
+    def __init__(self, vqvae: VQGAN, tokenizer, text_encoder, transformer: UViT, scheduler: SchedulerConfig):
+        self.vqvae = vqvae
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.prompt_encoder = TextEncoder(text_encoder, tokenizer)
+        self._negative_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        if scheduler.mask_token_id != transformer.config.mask_token_id:
+            raise ValueError(f"scheduler mask_token_id {scheduler.mask_token_id} differs from the transformer's "
+                             f"({transformer.config.mask_token_id} = vocab_size - 1)")
+
+    # ------------------------------------------------------------------------------------------------------
+    # Loading, saving, moving
+    # ------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, allow_pickle: bool = False, cache_dir: str | None = None,
+                        local_files_only: bool = False, **unused) -> "AmusedPipeline":
+        """Load a checkpoint in the published layout from a folder or a hub id.
+
+        Args:
+            path_or_id: folder holding model_index.json, or a hub id such as "amused/amused-256".
+            torch_dtype: dtype of the weights (float16 VQGAN weights are upcast when its config says
+                force_upcast, as the reference decodes in float32).
+            variant: weight-file variant, e.g. "fp16" for `*.fp16.safetensors`.
+            allow_pickle: accept pickle weight files (.bin/.pt); off by default, they can run code.
+        """
+        if unused:
+            raise TypeError(f"from_pretrained got unexpected arguments: {sorted(unused)}")
+        root = resolve(path_or_id, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
+        read_json(root / "model_index.json")  # fails early, naming the file, if this is not a pipeline folder
+        vq_dtype = torch_dtype
+        vq_config = read_json(root / "vqvae" / "config.json")
+        if torch_dtype == torch.float16 and vq_config.get("force_upcast", True):
+            vq_dtype = torch.float32
+        transformer = load_model(UViT, UViTConfig, root / "transformer", variant, torch_dtype, allow_pickle)
+        vqvae = load_model(VQGAN, VQGANConfig, root / "vqvae", variant, vq_dtype, allow_pickle)
+        tokenizer, text_encoder = load_text_components(root, variant, torch_dtype)
+        sched = read_json(root / "scheduler" / "scheduler_config.json")
+        scheduler = SchedulerConfig(mask_token_id=int(sched.get("mask_token_id", transformer.config.mask_token_id)),
+                                    masking_schedule=sched.get("masking_schedule", "cosine"))
+        return cls(vqvae, tokenizer, text_encoder, transformer, scheduler)
+
+    def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> None:
+        """Write the published layout (diffusers can read it too)."""
+        root = Path(folder)
+        write_json(root / "model_index.json", {
+            "_class_name": "AmusedPipeline", "_diffusers_version": "0.42.1",
+            "scheduler": ["diffusers", "AmusedScheduler"],
+            "text_encoder": ["transformers", type(self.text_encoder).__name__],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            "transformer": ["diffusers", "UVit2DModel"], "vqvae": ["diffusers", "VQModel"]})
+        save_model(self.transformer, root / "transformer", "UVit2DModel", variant)
+        save_model(self.vqvae, root / "vqvae", "VQModel", variant)
+        self.text_encoder.save_pretrained(root / "text_encoder", variant=variant)
+        self.tokenizer.save_pretrained(root / "tokenizer")
+        write_json(root / "scheduler" / "scheduler_config.json",
+                   {"_class_name": "AmusedScheduler", "_diffusers_version": "0.42.1",
+                    **dataclasses.asdict(self.scheduler)})
+
+    @classmethod
+    def from_pipe(cls, pipe: "AmusedPipeline") -> "AmusedPipeline":
+        """The same components (shared, not copied) behind another task's entry point."""
+        return cls(pipe.vqvae, pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vqvae.config.scale_factor
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AmusedPipeline":
+        """Move every component; float16 keeps the VQGAN in float32 when its config says force_upcast."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        for module in (self.transformer, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        vq_dtype = torch.float32 if dtype == torch.float16 and self.vqvae.config.force_upcast else dtype
+        self.vqvae.to(device=device, dtype=vq_dtype)
+        self._negative_cache.clear()
+        return self
+
+    # ------------------------------------------------------------------------------------------------------
+    # Conditioning
+    # ------------------------------------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.prompt_encoder(prompts)
+        return hidden.to(self.dtype), pooled.to(self.dtype)
+
+    def _encode_negative(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Negative prompts; the all-empty case (the default) is encoded once and cached."""
+        if any(prompts):
+            return self._encode(prompts)
+        key = (self.device, self.dtype)
+        if key not in self._negative_cache:
+            self._negative_cache[key] = self._encode([""])
+        hidden, pooled = self._negative_cache[key]
+        return hidden.expand(len(prompts), -1, -1), pooled.expand(len(prompts), -1)
+
+    def encode_prompt(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None,
+                      num_images_per_prompt: int, guided: bool, prompt_embeds=None, encoder_hidden_states=None,
+                      negative_prompt_embeds=None, negative_encoder_hidden_states=None) -> PromptEmbeddings:
+        """Text conditioning in the order the guided batch uses: [negatives..., positives...]."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of `prompt` or `prompt_embeds`")
+        if (prompt_embeds is None) != (encoder_hidden_states is None):
+            raise ValueError("pass both `prompt_embeds` and `encoder_hidden_states`, or neither")
+        if (negative_prompt_embeds is None) != (negative_encoder_hidden_states is None):
+            raise ValueError("pass both `negative_prompt_embeds` and `negative_encoder_hidden_states`, or neither")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("`prompt` must be a string or a non-empty list of strings")
+            self._warn_truncation(prompts, "prompt")
+            hidden, pooled = self._encode(prompts)
+        else:
+            hidden, pooled = encoder_hidden_states.to(self.device, self.dtype), prompt_embeds.to(self.device, self.dtype)
+        n = hidden.shape[0]
+        # Tiled (p1, p2, p1, p2, ...) as the reference repeats them, so seeds give the same images.
+        hidden, pooled = hidden.repeat(num_images_per_prompt, 1, 1), pooled.repeat(num_images_per_prompt, 1)
+        if not guided:
+            return PromptEmbeddings(hidden, pooled)
+        if negative_prompt_embeds is not None:
+            neg_hidden = negative_encoder_hidden_states.to(self.device, self.dtype)
+            neg_pooled = negative_prompt_embeds.to(self.device, self.dtype)
+        else:
+            negatives = [""] * n if negative_prompt is None else (
+                [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt))
+            if len(negatives) != n:
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts; give one string "
+                                 f"for all, or one per prompt")
+            self._warn_truncation(negatives, "negative_prompt")
+            neg_hidden, neg_pooled = self._encode_negative(negatives)
+        if neg_hidden.shape[0] == 1 and n > 1:
+            neg_hidden, neg_pooled = neg_hidden.expand(n, -1, -1), neg_pooled.expand(n, -1)
+        if neg_hidden.shape[0] != n:
+            raise ValueError(f"negative embeddings have batch {neg_hidden.shape[0]}, prompts have {n}")
+        neg_hidden = neg_hidden.repeat(num_images_per_prompt, 1, 1)
+        neg_pooled = neg_pooled.repeat(num_images_per_prompt, 1)
+        return PromptEmbeddings(torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]))
+
+    def _warn_truncation(self, prompts: Sequence[str], name: str) -> None:
+        limit = self.prompt_encoder.max_length
+        for p in prompts:
+            if p and self.prompt_encoder.count_tokens(p) > limit:
+                import warnings
+
+                warnings.warn(f"{name} {p[:40]!r}... is longer than the text encoder's {limit} tokens; the rest is "
+                              f"cut off", stacklevel=4)
+
+    # ------------------------------------------------------------------------------------------------------
+    # The shared generation path
+    # ------------------------------------------------------------------------------------------------------
+
+    def logits_fn(self, embeds: PromptEmbeddings, micro_conds: torch.Tensor, guidance_scale: float
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """tokens (B, h, w) -> guided logits (B, V, h, w)."""
+        guided = guidance_scale > 1.0
+
+        def fn(tokens: torch.Tensor) -> torch.Tensor:
+            model_input = torch.cat([tokens, tokens]) if guided else tokens
+            logits = self.transformer(model_input, embeds.hidden, embeds.pooled, micro_conds)
+            if not guided:
+                return logits
+            uncond, cond = logits.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        return fn
+
+    def _check_common(self, num_inference_steps, guidance_scale, num_images_per_prompt, output_type):
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale != guidance_scale \
+                or guidance_scale in (float("inf"), float("-inf")):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+
+    @torch.inference_mode()
+    def _generate(self, *, prompt, negative_prompt, tokens_fn, height, width, num_inference_steps, guidance_scale,
+                  num_images_per_prompt, generator, prompt_embeds, encoder_hidden_states, negative_prompt_embeds,
+                  negative_encoder_hidden_states, output_type, return_dict, callback, callback_steps,
+                  micro_conditioning_aesthetic_score, micro_conditioning_crop_coord, temperature, schedule):
+        self._check_common(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+        self.vqvae.check_size(height, width, "height/width")
+        guided = guidance_scale > 1.0
+        embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
+                                    encoder_hidden_states, negative_prompt_embeds, negative_encoder_hidden_states)
+        batch = embeds.hidden.shape[0] // (2 if guided else 1)
+        crop_top, crop_left = micro_conditioning_crop_coord
+        micro_conds = torch.tensor([width, height, crop_top, crop_left, micro_conditioning_aesthetic_score],
+                                   device=self.device, dtype=embeds.hidden.dtype)
+        micro_conds = micro_conds[None].expand(embeds.hidden.shape[0], -1)  # (B or 2B, 5)
+
+        f = self.vae_scale_factor
+        start = tokens_fn(batch, height // f, width // f)
+        draw = _draw_for(generator, self.device)
+        user_callback = None
+        if callback is not None:
+            def user_callback(i, result):
+                if (i - start.start_step) % callback_steps == 0 or i == num_inference_steps - 1:
+                    callback(i, num_inference_steps - 1 - i, result.tokens.view(start.tokens.shape))
+        tokens = sampling.decode(self.logits_fn(embeds, micro_conds, guidance_scale), start.tokens,
+                                 num_steps=num_inference_steps, mask_token_id=self.scheduler.mask_token_id,
+                                 start_step=start.start_step, schedule=schedule or self.scheduler.masking_schedule,
+                                 temperature=temperature, total=start.total, draw=draw, generator=generator,
+                                 callback=user_callback)
+        if output_type == "latent":
+            images = tokens
+        else:
+            images = postprocess(self.vqvae.decode(tokens).float(), output_type)
+        return AmusedPipelineOutput(images) if return_dict else (images,)
+
+    def _image_tokens(self, image: torch.Tensor, generator) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, h, w) token ids."""
+        return self.vqvae.encode(image.to(self.device, self.vqvae.dtype))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Text-to-image
+    # ------------------------------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 12, guidance_scale: float = 10.0,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 callback_steps: int = 1, micro_conditioning_aesthetic_score: float = 6,
+                 micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
+                 temperature: float | tuple[float, float] = (2, 0), masking_schedule: str | None = None):
+        """Generate images from text.
+
+        Args:
+            prompt: a prompt or a list of prompts.
+            height, width: output size in pixels, multiples of the VQ factor (default: the model's native size).
+            num_inference_steps: decoding steps (12).
+            guidance_scale: classifier-free guidance weight; > 1 turns guidance on (10).
+            negative_prompt: one string for all prompts, or one per prompt ("" by default).
+            num_images_per_prompt: images for each prompt.
+            generator: seeds every random draw; a CPU generator reproduces diffusers' images.
+            latents: (B, h, w) starting token grid (mask token where to generate).
+            prompt_embeds, encoder_hidden_states: precomputed pooled / per-token text embeddings.
+            negative_prompt_embeds, negative_encoder_hidden_states: the same for the negative prompt.
+            output_type: "pil", "np", "pt" or "latent" (token ids).
+            callback: `callback(step, timestep, tokens)` every `callback_steps` steps.
+            micro_conditioning_aesthetic_score: aesthetic score to condition on (6).
+            micro_conditioning_crop_coord: (top, left) crop to condition on.
+            temperature: (start, end) of the confidence-noise temperature ramp.
+            masking_schedule: "cosine" or "linear" (default: the scheduler's).
+
+        Returns:
+            `AmusedPipelineOutput` with `.images`, or a 1-tuple when `return_dict=False`.
+        """
+        native = self.transformer.config.sample_size * self.vae_scale_factor
+        height, width = height or native, width or native
+
+        def tokens_fn(batch, h, w):
+            if latents is not None:
+                if tuple(latents.shape) != (batch, h, w):
+                    raise ValueError(f"latents must have shape {(batch, h, w)}, got {tuple(latents.shape)}")
+                return StartGrid(latents.to(self.device, torch.long), 0, None)
+            return StartGrid(torch.full((batch, h, w), self.scheduler.mask_token_id, device=self.device), 0, None)
+
+        return self._generate(prompt=prompt, negative_prompt=negative_prompt, tokens_fn=tokens_fn, height=height,
+                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images_per_prompt, generator=generator,
+                              prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
+                              micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
+                              schedule=masking_schedule)
+
+
+@dataclass
+class StartGrid:
+    tokens: torch.Tensor  # (B, h, w) with mask tokens where to generate
+    start_step: int  # first step of the schedule to run
+    total: torch.Tensor | None  # (B,) tokens the schedule spreads over; None: those unknown at the start
+
+
+def _draw_for(generator: torch.Generator | None, device: torch.device) -> str:
+    """Reference draws (diffusers' random stream) with a CPU generator or on the CPU; on-device Gumbel draws
+    otherwise (no host sync)."""
+    if device.type == "cpu" or (generator is not None and generator.device.type == "cpu"):
+        return "reference"
+    return "gumbel"
+
+
+def _start_step(num_inference_steps: int, strength: float) -> int:
+    if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    steps = int(num_inference_steps * strength)
+    if steps < 1:
+        raise ValueError(f"strength {strength} with num_inference_steps {num_inference_steps} runs no step; raise "
+                         f"either")
+    return num_inference_steps - steps
+
+
+def _broadcast(tokens: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Image batch -> prompt batch: one image serves every prompt; otherwise one image per prompt."""
+    if tokens.shape[0] == batch:
+        return tokens
+    if batch % tokens.shape[0]:
+        raise ValueError(f"{name} has batch {tokens.shape[0]}, which does not divide the {batch} images to make")
+    return tokens.repeat(batch // tokens.shape[0], *([1] * (tokens.ndim - 1)))
+
+
+class AmusedImg2ImgPipeline(AmusedPipeline):
+    """Image-to-image: re-generate a `strength` fraction of an image's tokens."""
+
+    def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None, strength: float = 0.5,
+                 num_inference_steps: int = 12, guidance_scale: float = 10.0,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | None = None, prompt_embeds: torch.Tensor | None = None,
+                 encoder_hidden_states: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback=None, callback_steps: int = 1,
+                 micro_conditioning_aesthetic_score: float = 6,
+                 micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
+                 temperature: float | tuple[float, float] = (2, 0), masking_schedule: str | None = None,
+                 height: int | None = None, width: int | None = None):
+        """Like `AmusedPipeline.__call__`, plus:
+
+        Args:
+            image: the starting image(s), PIL / numpy / tensor in [0, 1]; its size must be a multiple of the VQ
+                factor unless `height` and `width` are given (PIL images are then resized).
+            strength: fraction of the schedule to run, in (0, 1]; 1.0 regenerates the whole image (0.5).
+        """
+        if image is None:
+            raise ValueError("img2img needs `image`")
+        start_step = _start_step(num_inference_steps, strength)
+        schedule = masking_schedule or self.scheduler.masking_schedule
+        if height is not None or width is not None:
+            image = resize(image, height or image_size(image)[0], width or image_size(image)[1])
+        pixels = preprocess_image(image, "image")
+        self.vqvae.check_size(pixels.shape[-2], pixels.shape[-1], "image")
+        height, width = pixels.shape[-2:]
+
+        def tokens_fn(batch, h, w):
+            with torch.inference_mode():
+                tokens = self._image_tokens(pixels, generator)  # (Bi, h, w)
+            if start_step > 0:
+                ratio = sampling.mask_ratios(num_inference_steps, schedule)[start_step - 1]
+                draw = torch.rand(tokens.shape, generator=generator,
+                                  device=generator.device if generator is not None else tokens.device)
+                tokens = torch.where(draw.to(tokens.device) < ratio.to(tokens.device),
+                                     self.scheduler.mask_token_id, tokens)
+            else:
+                tokens = torch.full_like(tokens, self.scheduler.mask_token_id)
+            tokens = _broadcast(tokens.repeat(num_images_per_prompt, 1, 1), batch, "image")
+            total = torch.full((batch,), h * w, device=tokens.device)  # img2img enters the full-grid schedule
+            return StartGrid(tokens, start_step, total)
+
+        return self._generate(prompt=prompt, negative_prompt=negative_prompt, tokens_fn=tokens_fn, height=height,
+                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images_per_prompt, generator=generator,
+                              prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
+                              micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
+                              schedule=schedule)
+
+
+class AmusedInpaintPipeline(AmusedPipeline):
+    """Inpainting: re-generate the tokens under a mask, keep the rest. Linear schedule by default, as the
+    reference uses for this task, without changing the shared scheduler."""
+
+    def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None,
+                 mask_image: ImageInput = None, strength: float = 1.0, num_inference_steps: int = 12,
+                 guidance_scale: float = 10.0, negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
+                 prompt_embeds: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback=None, callback_steps: int = 1,
+                 micro_conditioning_aesthetic_score: float = 6,
+                 micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
+                 temperature: float | tuple[float, float] = (2, 0), masking_schedule: str = "linear"):
+        """Like `AmusedPipeline.__call__`, plus:
+
+        Args:
+            image: the image(s) to edit, PIL / numpy / tensor in [0, 1], size a multiple of the VQ factor.
+            mask_image: white (>= 0.5) where to regenerate; same size as `image`.
+            strength: fraction of the schedule to run, in (0, 1] (1.0).
+            masking_schedule: "linear" (default, as the reference's inpainting) or "cosine".
+        """
+        if image is None or mask_image is None:
+            raise ValueError("inpainting needs both `image` and `mask_image`")
+        start_step = _start_step(num_inference_steps, strength)
+        pixels = preprocess_image(image, "image")
+        height, width = pixels.shape[-2:]
+        self.vqvae.check_size(height, width, "image")
+        mask_h, mask_w = image_size(mask_image, "mask_image")
+        if (mask_h, mask_w) != (height, width):
+            raise ValueError(f"mask_image is {mask_w}x{mask_h} but image is {width}x{height} (width x height); "
+                             f"they must match")
+        f = self.vae_scale_factor
+        mask = preprocess_mask(mask_image, height // f, width // f)  # (Bm, h, w) bool
+
+        def tokens_fn(batch, h, w):
+            with torch.inference_mode():
+                tokens = self._image_tokens(pixels, generator)  # (Bi, h, w)
+            n = max(tokens.shape[0], mask.shape[0])
+            tokens = _broadcast(tokens, n, "image")
+            region = _broadcast(mask.to(tokens.device), n, "mask_image")
+            if not region.any(dim=(1, 2)).all():  # one check before decoding, not in the loop
+                raise ValueError("mask_image covers no token at the VQ resolution (16x16 px per token); mark a "
+                                 "larger area")
+            tokens = torch.where(region, self.scheduler.mask_token_id, tokens)
+            tokens = _broadcast(tokens.repeat(num_images_per_prompt, 1, 1), batch, "image")
+            return StartGrid(tokens, start_step, None)  # the schedule spreads over each sample's own region
+
+        return self._generate(prompt=prompt, negative_prompt=negative_prompt, tokens_fn=tokens_fn, height=height,
+                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images_per_prompt, generator=generator,
+                              prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
+                              micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
+                              schedule=masking_schedule)
+
+
+def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | None):
+    """transformers tokenizer + text model from `root/tokenizer` and `root/text_encoder`, safetensors only."""
+    import transformers
+
+    config = read_json(root / "text_encoder" / "config.json")
+    arch = (config.get("architectures") or ["CLIPTextModelWithProjection"])[0]
+    model_cls = getattr(transformers, arch, None)
+    if model_cls is None or not isinstance(model_cls, type) or not issubclass(model_cls, transformers.PreTrainedModel):
+        raise CheckpointError(f"{root / 'text_encoder' / 'config.json'}: unknown text model class {arch!r}")
+    kwargs = {"use_safetensors": True, "variant": variant}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = model_cls.from_pretrained(root / "text_encoder", **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise CheckpointError(f"cannot load the text encoder or tokenizer under {root}: {e}") from e
+    return tokenizer, model.eval()

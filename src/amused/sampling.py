@@ -1,0 +1,171 @@
+"""MaskGIT iterative decoding (Chang et al., 2022), as aMUSEd uses it.
+
+Start from a grid in which some tokens are the mask token. Each step: predict logits for every position,
+sample a token at each masked position, score it (log-probability + temperature-annealed Gumbel noise) and
+re-mask the least confident ones so that `floor(total * schedule(step))` stay masked; the last step commits
+everything. `total` is the number of tokens the schedule spreads over: the tokens unknown at the start
+(the whole grid for text-to-image, the masked region for inpainting) or, for img2img, which enters the
+schedule part-way, the whole grid.
+
+The loop takes a `logits_fn(tokens) -> logits` callable, so guidance, LoRA and compilation wrap the model
+without touching it. It makes no host sync: no `.item()`, no `nonzero()`, no Python branch on a tensor;
+per-step numbers are precomputed tensors indexed by the (static) Python step index, so the whole loop can be
+captured as a CUDA graph.
+
+Random draws come in two flavours:
+- "reference": `torch.multinomial` then uniform Gumbel noise, drawn in the same order and shapes as diffusers'
+  `AmusedScheduler`, so a seeded CPU generator reproduces diffusers' tokens exactly;
+- "gumbel": Gumbel-max sampling from one `torch.rand` per step on the device (no sync, graph-capturable).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, NamedTuple
+
+import torch
+
+Schedule = Literal["cosine", "linear"]
+Draw = Literal["reference", "gumbel"]
+
+
+def mask_ratios(num_steps: int, schedule: Schedule = "cosine", device=None) -> torch.Tensor:
+    """Fraction of the schedule's tokens still masked after each step; (num_steps,) float32, last is 0.
+
+    Computed in float32 exactly as the reference does, so mask counts match it token for token.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+    progress = torch.arange(1, num_steps + 1, device=device) / num_steps  # float32, (i + 1) / T
+    if schedule == "cosine":
+        ratios = torch.cos(progress * math.pi / 2)
+    elif schedule == "linear":
+        ratios = 1 - progress
+    else:
+        raise ValueError(f"masking_schedule must be 'cosine' or 'linear', got {schedule!r}")
+    ratios[-1] = 0.0  # cos(pi/2) is 6e-17 in float32 arithmetic; the last step commits every token
+    return ratios
+
+
+def start_mask_ratio(num_steps: int, start_step: int, schedule: Schedule = "cosine") -> float:
+    """Fraction of tokens masked before `start_step` (1.0 before step 0): where img2img enters the schedule."""
+    if start_step == 0:
+        return 1.0
+    return float(mask_ratios(num_steps, schedule)[start_step - 1])
+
+
+def temperatures(num_steps: int, temperature: float | tuple[float, float] = (2.0, 0.0), device=None) -> torch.Tensor:
+    """Per-step Gumbel temperature: linear from temperature[0] to temperature[1] (a scalar t means t -> 0.01)."""
+    if isinstance(temperature, (tuple, list)):
+        if len(temperature) != 2:
+            raise ValueError(f"temperature must be a number or a (start, end) pair, got {temperature!r}")
+        start, end = temperature
+    else:
+        start, end = temperature, 0.01
+    for t in (start, end):
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
+    return torch.linspace(start, end, num_steps, device=device)
+
+
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from U(0, 1) draws, clamped as the reference does."""
+    return -torch.log((-torch.log(uniform.clamp(1e-20))).clamp(1e-20))
+
+
+class StepResult(NamedTuple):
+    tokens: torch.Tensor  # (B, L) grid after this step (re-masked where not confident)
+    predicted: torch.Tensor  # (B, L) every position filled with a sampled token
+    confidence: torch.Tensor  # (B, L) float32 score of each position (+inf where the token was known)
+
+
+def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor, ratio: torch.Tensor,
+                temperature: torch.Tensor, mask_token_id: int, last: bool, draw: Draw = "reference",
+                generator: torch.Generator | None = None) -> StepResult:
+    """One decoding step.
+
+    Args:
+        logits: (B, L, V) logits over the codebook.
+        tokens: (B, L) current grid.
+        total: (B,) tokens the schedule spreads over.
+        ratio: scalar tensor, fraction of `total` to leave masked after this step.
+        temperature: scalar tensor, Gumbel temperature of the confidence.
+        mask_token_id: id of the mask token.
+        last: whether this is the final step (commit everything).
+        draw: "reference" (diffusers' random stream) or "gumbel" (on-device, graph-capturable).
+        generator: torch.Generator for the draws.
+    """
+    unknown = tokens == mask_token_id  # (B, L)
+    if draw == "reference":
+        probs = logits.softmax(dim=-1)  # (B, L, V)
+        flat = probs.to(generator.device if generator is not None else probs.device).reshape(-1, probs.shape[-1])
+        if flat.device.type == "cpu" and flat.dtype != torch.float32:
+            flat = flat.float()  # multinomial has no CPU half kernel
+        predicted = torch.multinomial(flat, 1, generator=generator).to(tokens.device).view(tokens.shape)
+        log_p = torch.gather(probs, -1, predicted[..., None])[..., 0].float().clamp(1e-20).log()
+    else:
+        u = torch.rand(logits.shape, device=logits.device, generator=generator, dtype=torch.float32)
+        log_probs = logits.float().log_softmax(dim=-1)
+        predicted = (log_probs + gumbel(u)).argmax(dim=-1)  # Gumbel-max: a sample of softmax(logits)
+        log_p = torch.gather(log_probs, -1, predicted[..., None])[..., 0].clamp(min=math.log(1e-20))
+    predicted = torch.where(unknown, predicted, tokens)
+    if last:
+        return StepResult(predicted, predicted, torch.where(unknown, log_p, torch.inf))
+
+    # Known tokens get +inf confidence so they are never re-masked (the reference's finfo.max is only ~11
+    # after the log in fp16, so it could re-mask them).
+    if draw == "reference":
+        noise = torch.zeros_like(log_p, device=generator.device if generator is not None else log_p.device)
+        noise = noise.uniform_(0, 1, generator=generator).to(log_p.device)
+    else:
+        noise = torch.rand(log_p.shape, device=log_p.device, generator=generator, dtype=torch.float32)
+    confidence = torch.where(unknown, log_p + temperature * gumbel(noise), torch.inf)  # (B, L)
+
+    n_unknown = unknown.sum(dim=-1, keepdim=True)  # (B, 1)
+    mask_len = torch.floor(total[:, None].float() * ratio)
+    mask_len = torch.minimum(n_unknown - 1, mask_len.long()).clamp(min=1)  # keep >= 1 masked until the end
+    cutoff = torch.gather(confidence.sort(dim=-1).values, 1, mask_len)  # (B, 1)
+    remask = confidence < cutoff
+    return StepResult(torch.where(remask, mask_token_id, predicted), predicted, confidence)
+
+
+def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, *, num_steps: int,
+           mask_token_id: int, start_step: int = 0, schedule: Schedule = "cosine",
+           temperature: float | tuple[float, float] = (2.0, 0.0), total: torch.Tensor | None = None,
+           draw: Draw = "reference", generator: torch.Generator | None = None,
+           callback: Callable[[int, StepResult], None] | None = None) -> torch.Tensor:
+    """Run the MaskGIT loop from `start_step` to the end.
+
+    Args:
+        logits_fn: maps a (B, h, w) token grid to (B, V, h, w) logits (guidance already applied).
+        tokens: (B, h, w) starting grid; positions equal to `mask_token_id` are to be generated.
+        num_steps: steps of the full schedule.
+        mask_token_id: id of the mask token.
+        start_step: first step to run (img2img enters the schedule part-way).
+        schedule: "cosine" or "linear".
+        temperature: (start, end) of the linear temperature ramp, or a scalar.
+        total: (B,) tokens the schedule spreads over; defaults to the tokens unknown at the start.
+        draw: "reference" or "gumbel", see the module docstring.
+        generator: torch.Generator for all random draws.
+        callback: called as `callback(step, StepResult)` after every step.
+
+    Returns:
+        (B, h, w) grid with every token decided.
+    """
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be in [0, {num_steps}), got {start_step}")
+    B, H, W = tokens.shape
+    grid = tokens.reshape(B, H * W)
+    if total is None:
+        total = (grid == mask_token_id).sum(dim=-1)
+    ratios = mask_ratios(num_steps, schedule, tokens.device)
+    temps = temperatures(num_steps, temperature, tokens.device)
+    for i in range(start_step, num_steps):
+        logits = logits_fn(grid.view(B, H, W))  # (B, V, h, w)
+        logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
+        result = unmask_step(logits, grid, total, ratios[i], temps[i], mask_token_id, i == num_steps - 1, draw,
+                             generator)
+        grid = result.tokens
+        if callback is not None:
+            callback(i, result)
+    return grid.view(B, H, W)
