@@ -931,7 +931,8 @@ def build_from_sources(
 
     Returns:
         The summary also written to ``summary.json``: per-style ``train``,
-        ``heldout`` and ``missing`` counts, totals, ``bytes`` and sources.
+        ``heldout`` and ``missing`` counts, totals, ``bytes`` (of everything
+        but summary.json) and sources; the returned dict adds ``out_dir``.
     """
     items = join_emoji(sources.emoji_entries, sources.openmoji_entries, include_skin_tones)
     counts = {style: Counter(train=0, heldout=0, missing=0) for style in styles}
@@ -965,7 +966,6 @@ def build_from_sources(
                 (tmp / "licenses").mkdir(exist_ok=True)
                 (tmp / "licenses" / name).write_bytes(data)
         summary = {
-            "out_dir": str(out_dir),
             "size": size,
             "background": list(background)[:3],
             "include_skin_tones": include_skin_tones,
@@ -978,7 +978,7 @@ def build_from_sources(
             "bytes": directory_bytes(tmp),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+    return {"out_dir": str(out_dir), **summary}
 
 
 def normalize_styles(styles: Iterable[str]) -> tuple[str, ...]:
