@@ -5,6 +5,7 @@ Pixels are in [0, 1] throughout (aMUSEd's VQGAN is not trained on [-1, 1]).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -156,3 +157,23 @@ def make_image_grid(images: Sequence[PIL.Image.Image], rows: int | None = None, 
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), box=(i % cols * w, i // cols * h))
     return grid
+
+
+def save_image(image: PIL.Image.Image, path, metadata: dict | None = None) -> None:
+    """Write a PNG atomically (temp file + rename: an interrupted run leaves no half-written image), with the
+    generation settings stored as PNG text chunks ("amused" holds them as JSON)."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from .loading import atomic_write
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {path}: only .png output is supported (it carries the generation settings)")
+    info = PngInfo()
+    if metadata:
+        info.add_text("amused", json.dumps(metadata, sort_keys=True))
+        if "prompt" in metadata:
+            info.add_text("prompt", str(metadata["prompt"]))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))

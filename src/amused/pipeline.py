@@ -338,7 +338,8 @@ class AmusedPipeline:
             `AmusedPipelineOutput` with `.images`, or a 1-tuple when `return_dict=False`.
         """
         native = self.transformer.config.sample_size * self.vae_scale_factor
-        height, width = height or native, width or native
+        height = native if height is None else height
+        width = native if width is None else width
 
         def tokens_fn(batch, h, w):
             if latents is not None:

@@ -27,6 +27,12 @@ directory next to ``out_dir`` and renamed into place when complete::
 The same inputs give byte-identical output. Run it with::
 
     python -m amused.data.emoji --out data/emoji
+
+``datasets`` only guesses split names it knows (``heldout`` is not one), so
+load both splits with::
+
+    load_dataset("imagefolder", data_files={"train": "data/emoji/train/**",
+                                            "heldout": "data/emoji/heldout/**"})
 """
 
 from __future__ import annotations
@@ -45,9 +51,9 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont, features
 
@@ -220,9 +226,7 @@ def fetch_package(package: NpmPackage, cache_dir: str | os.PathLike) -> Path:
     return target
 
 
-def read_tar_members(
-    tarball: str | os.PathLike, wanted: Callable[[str], bool]
-) -> dict[str, bytes]:
+def read_tar_members(tarball: str | os.PathLike, wanted: Callable[[str], bool]) -> dict[str, bytes]:
     """Read the regular files of a ``.tgz`` whose names pass ``wanted``.
 
     Members are read into memory, never written to disk, so member paths
@@ -497,7 +501,9 @@ def fit(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def render_png(data: bytes, size: int = 64, background: Sequence[int] = (255, 255, 255)) -> Image.Image:
+def render_png(
+    data: bytes, size: int = 64, background: Sequence[int] = (255, 255, 255)
+) -> Image.Image:
     """Decode a PNG and composite it onto the background.
 
     Args:
@@ -513,7 +519,9 @@ def render_png(data: bytes, size: int = 64, background: Sequence[int] = (255, 25
         return fit(composite(image, background), size)
 
 
-def render_svg(data: bytes, size: int = 64, background: Sequence[int] = (255, 255, 255)) -> Image.Image:
+def render_svg(
+    data: bytes, size: int = 64, background: Sequence[int] = (255, 255, 255)
+) -> Image.Image:
     """Rasterise an SVG with cairosvg and composite it onto the background.
 
     Args:
@@ -558,7 +566,7 @@ class NotoRenderer:
         self.font = ImageFont.truetype(
             str(font_path), NOTO_STRIKE_SIZE, layout_engine=ImageFont.Layout.RAQM
         )
-        reference = "\U0001F600"
+        reference = "\U0001f600"
         self.advance = self.font.getlength(reference)
         _, _, self.width, self.height = self.font.getbbox(reference)
         # "AA" is no region: the font draws its generic unknown-flag glyph,
@@ -645,7 +653,9 @@ class Sources:
     licenses: dict[str, bytes] = field(default_factory=dict)
 
 
-def load_datasource(package: NpmPackage, style: str | None, cache_dir: Path) -> tuple[list[dict], dict[str, bytes], bytes]:
+def load_datasource(
+    package: NpmPackage, style: str | None, cache_dir: Path
+) -> tuple[list[dict], dict[str, bytes], bytes]:
     """Read emoji.json, the 64 px PNGs of one vendor and the LICENSE of a package.
 
     Args:
@@ -659,8 +669,10 @@ def load_datasource(package: NpmPackage, style: str | None, cache_dir: Path) -> 
     prefix = f"package/img/{style}/64/" if style else None
     members = read_tar_members(
         fetch_package(package, cache_dir),
-        lambda name: name in ("package/emoji.json", "package/LICENSE")
-        or (prefix is not None and name.startswith(prefix) and name.endswith(".png")),
+        lambda name: (
+            name in ("package/emoji.json", "package/LICENSE")
+            or (prefix is not None and name.startswith(prefix) and name.endswith(".png"))
+        ),
     )
     entries = json.loads(members.pop("package/emoji.json"))
     license_text = members.pop("package/LICENSE", b"")
@@ -680,8 +692,10 @@ def load_openmoji(cache_dir: Path, with_svgs: bool) -> tuple[list[dict], dict[st
     """
     members = read_tar_members(
         fetch_package(OPENMOJI_PACKAGE, cache_dir),
-        lambda name: name in ("package/data/openmoji.json", "package/LICENSE.txt")
-        or (with_svgs and name.startswith("package/color/svg/") and name.endswith(".svg")),
+        lambda name: (
+            name in ("package/data/openmoji.json", "package/LICENSE.txt")
+            or (with_svgs and name.startswith("package/color/svg/") and name.endswith(".svg"))
+        ),
     )
     entries = json.loads(members.pop("package/data/openmoji.json"))
     license_text = members.pop("package/LICENSE.txt", b"")
@@ -710,7 +724,9 @@ def load_noto(font_path: str | os.PathLike | None) -> NotoRenderer | None:
         return None
 
 
-def load_sources(styles: Sequence[str], cache_dir: Path, noto_font: str | os.PathLike | None = None) -> Sources:
+def load_sources(
+    styles: Sequence[str], cache_dir: Path, noto_font: str | os.PathLike | None = None
+) -> Sources:
     """Download (or reuse) and read every source the given styles need.
 
     emoji.json and openmoji.json are always read, so captions do not depend
@@ -1071,7 +1087,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Build a captioned emoji image set (imagefolder layout) from "
         "freely licensed emoji art downloaded with npm.",
     )
-    parser.add_argument("--out", default="data/emoji", help="output directory (default: data/emoji)")
+    parser.add_argument(
+        "--out", default="data/emoji", help="output directory (default: data/emoji)"
+    )
     parser.add_argument(
         "--styles",
         default=",".join(ALL_STYLES),
@@ -1079,13 +1097,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     parser.add_argument(
-        "--background", type=parse_background, default=(255, 255, 255),
+        "--background",
+        type=parse_background,
+        default=(255, 255, 255),
         help="background colour, e.g. 255,255,255 or '#ffffff' (default: white)",
     )
-    parser.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/amused/emoji)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="download cache (default: ~/.cache/amused/emoji)"
+    )
     parser.add_argument("--no-skin-tones", action="store_true", help="skip skin-tone variants")
     parser.add_argument(
-        "--heldout-fraction", type=float, default=HELDOUT_FRACTION,
+        "--heldout-fraction",
+        type=float,
+        default=HELDOUT_FRACTION,
         help=f"share of emoji with one style held out (default: {HELDOUT_FRACTION})",
     )
     parser.add_argument("--noto-font", default=None, help="path of NotoColorEmoji.ttf")
