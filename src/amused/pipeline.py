@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +27,7 @@ import torch
 
 from . import sampling
 from .images import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, resize
-from .loading import (CheckpointError, config_to_dict, load_model, read_json, resolve, save_model, write_json)
+from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
 from .models.text_encoder import TextEncoder
 from .models.uvit import UViT, UViTConfig
 from .models.vqgan import VQGAN, VQGANConfig
@@ -79,6 +80,7 @@ class AmusedPipeline:
         self.scheduler = scheduler
         self.prompt_encoder = TextEncoder(text_encoder, tokenizer)
         self._negative_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fast = None  # a FastDecoder once enable_fast() is called
         if scheduler.mask_token_id != transformer.config.mask_token_id:
             raise ValueError(f"scheduler mask_token_id {scheduler.mask_token_id} differs from the transformer's "
                              f"({transformer.config.mask_token_id} = vocab_size - 1)")
@@ -159,6 +161,7 @@ class AmusedPipeline:
         vq_dtype = torch.float32 if dtype == torch.float16 and self.vqvae.config.force_upcast else dtype
         self.vqvae.to(device=device, dtype=vq_dtype)
         self._negative_cache.clear()
+        self._fast = None  # graphs hold device buffers: capture again after enable_fast()
         return self
 
     # ------------------------------------------------------------------------------------------------------
@@ -225,8 +228,6 @@ class AmusedPipeline:
         limit = self.prompt_encoder.max_length
         for p in prompts:
             if p and self.prompt_encoder.count_tokens(p) > limit:
-                import warnings
-
                 warnings.warn(f"{name} {p[:40]!r}... is longer than the text encoder's {limit} tokens; the rest is "
                               f"cut off", stacklevel=4)
 
@@ -234,14 +235,15 @@ class AmusedPipeline:
     # The shared generation path
     # ------------------------------------------------------------------------------------------------------
 
-    def logits_fn(self, embeds: PromptEmbeddings, micro_conds: torch.Tensor, guidance_scale: float
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """tokens (B, h, w) -> guided logits (B, V, h, w)."""
+    def logits_fn(self, embeds: PromptEmbeddings, micro_conds: torch.Tensor, guidance_scale: float,
+                  model: Callable | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """tokens (B, h, w) -> guided logits (B, V, h, w), through `model` (default: the U-ViT)."""
         guided = guidance_scale > 1.0
+        model = model or self.transformer
 
         def fn(tokens: torch.Tensor) -> torch.Tensor:
             model_input = torch.cat([tokens, tokens]) if guided else tokens
-            logits = self.transformer(model_input, embeds.hidden, embeds.pooled, micro_conds)
+            logits = model(model_input, embeds.hidden, embeds.pooled, micro_conds)
             if not guided:
                 return logits
             uncond, cond = logits.chunk(2)
@@ -284,16 +286,47 @@ class AmusedPipeline:
             def user_callback(i, result):
                 if (i - start.start_step) % callback_steps == 0 or i == num_inference_steps - 1:
                     callback(i, num_inference_steps - 1 - i, result.tokens.view(start.tokens.shape))
-        tokens = sampling.decode(self.logits_fn(embeds, micro_conds, guidance_scale), start.tokens,
-                                 num_steps=num_inference_steps, mask_token_id=self.scheduler.mask_token_id,
-                                 start_step=start.start_step, schedule=schedule or self.scheduler.masking_schedule,
-                                 temperature=temperature, total=start.total, draw=draw, generator=generator,
-                                 callback=user_callback)
-        if output_type == "latent":
-            images = tokens
+        schedule = schedule or self.scheduler.masking_schedule
+        images = None
+        if self._fast is not None and draw == "gumbel" and self._fast.supports(generator, callback):
+            tokens, images = self._fast.run(embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance_scale,
+                                            start=start, num_steps=num_inference_steps, schedule=schedule,
+                                            temperature=temperature, generator=generator)
+            tokens, images = tokens.clone(), images.clone()  # graph outputs are overwritten by the next replay
         else:
-            images = postprocess(self.vqvae.decode(tokens).float(), output_type)
+            tokens = sampling.decode(self.logits_fn(embeds, micro_conds, guidance_scale), start.tokens,
+                                     num_steps=num_inference_steps, mask_token_id=self.scheduler.mask_token_id,
+                                     start_step=start.start_step, schedule=schedule, temperature=temperature,
+                                     total=start.total, draw=draw, generator=generator, callback=user_callback)
+        if output_type == "latent":
+            return AmusedPipelineOutput(tokens) if return_dict else (tokens,)
+        images = self._decode_checked(tokens, images)
+        images = postprocess(images, output_type)
         return AmusedPipelineOutput(images) if return_dict else (images,)
+
+    def _decode_checked(self, tokens: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """VQ-decode (unless done already), and never hand out NaN/inf pixels: a reduced-precision decode
+        that overflowed is redone in float32 (one host sync, where the images go to the host anyway)."""
+        if images is None:
+            images = self.vqvae.decode(tokens)
+        images = images.float()
+        if not bool(torch.isfinite(images).all()):
+            warnings.warn(f"the {self.vqvae.dtype} / reduced-precision VQ decode overflowed; decoding again in "
+                          f"float32")
+            with torch.autocast(self.device.type, enabled=False):
+                images = self.vqvae.float().decode(tokens).float()
+            if not bool(torch.isfinite(images).all()):
+                raise FloatingPointError("the VQ decoder gives non-finite pixels even in float32: corrupt weights?")
+        return images
+
+    def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16) -> "AmusedPipeline":
+        """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`."""
+        from .fast import FastDecoder
+
+        if self.device.type != "cuda":
+            raise ValueError("enable_fast needs the pipeline on a CUDA device; call .to('cuda') first")
+        self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype)
+        return self
 
     def _image_tokens(self, image: torch.Tensor, generator) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, h, w) token ids."""

@@ -62,13 +62,39 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias)])
+        self.fused_qkv: torch.Tensor | None = None  # set by fuse_projections(), for inference only
+        self.fused_kv: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate Q/K/V (self-attention) or K/V (cross-attention) weights into one matmul.
+
+        A snapshot: call again after the weights change (LoRA fusing), or `unfuse_projections()`.
+        """
+        weights = [self.to_q.weight, self.to_k.weight, self.to_v.weight]
+        if any(lin.bias is not None for lin in (self.to_q, self.to_k, self.to_v)):
+            return  # the published model has no biases; keep the plain path for the rare biased config
+        if self.to_q.in_features == self.to_k.in_features:
+            self.fused_qkv = torch.cat(weights)
+        self.fused_kv = torch.cat(weights[1:])
+
+    def unfuse_projections(self) -> None:
+        self.fused_qkv = self.fused_kv = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape
-        context = x if context is None else context
-        q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, h, L, d)
-        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, S, d)
-        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        if context is None and self.fused_qkv is not None:
+            q, k, v = F.linear(x, self.fused_qkv).chunk(3, dim=-1)
+        else:
+            context = x if context is None else context
+            q = self.to_q(x)
+            if self.fused_kv is not None:
+                k, v = F.linear(context, self.fused_kv).chunk(2, dim=-1)
+            else:
+                k, v = self.to_k(context), self.to_v(context)
+        q = q.view(B, L, self.heads, -1).transpose(1, 2)  # (B, h, L, d)
+        k = k.view(B, k.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, S, d)
+        v = v.view(B, v.shape[1], self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, L, d)
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1))
 

@@ -1,0 +1,469 @@
+"""Training data: image-caption sources, the reference preprocessing, resumable ordering, pre-encoded shards.
+
+Sources, each a sequence (or stream) of `{"image": PIL.Image, "caption": str}`:
+    ImageFolder   a folder of images with captions in `metadata.jsonl` / `metadata.csv` (`file_name` + `text`
+                  per row: the layout Hugging Face `datasets` reads as "imagefolder"); without a metadata file,
+                  one prompt for every image (`--instance_prompt`) or each file's stem, as diffusers'
+                  train_amused.py does. Read in plain Python: no pyarrow, images decoded lazily per item.
+    Records       any indexable of dicts, e.g. a `datasets.Dataset` (an image column and a caption column).
+    TarShards     webdataset-style tar shards (`key.jpg` + `key.txt` / `key.json` per sample), streamed with
+                  the standard library's `tarfile`: no extra dependency, and the position in the stream is ours
+                  to skip to on resume.
+`PreencodedDataset` reads the shards `amused preencode` writes (VQ token ids + text embeddings).
+
+Preprocessing is the reference's (diffusers' train_amused.py): resize the shorter side to `resolution`
+(bilinear), crop a square (random or centre), optionally flip; micro-conditioning is [orig_width, orig_height,
+crop_top, crop_left, aesthetic] with the real original size and the crop in resized coordinates (SDXL's
+definition; a flip mirrors crop_left). Transparent images are composited onto white first.
+
+Every random choice of a sample (crop, flip) comes from an RNG seeded by (seed, epoch, index), and the order
+of an epoch from (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import random
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from safetensors import safe_open
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+DEFAULT_AESTHETIC = 6.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """EXIF-rotated RGB; transparent pixels become white instead of whatever colour they hide."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: PIL.Image.Image, resolution: int, rng: random.Random, center_crop: bool = False,
+               random_flip: bool = False, aesthetic: float = DEFAULT_AESTHETIC) -> dict[str, torch.Tensor]:
+    """One training image: resize the shorter side, crop a square, maybe flip.
+
+    Args:
+        image: any PIL image.
+        resolution: output side in pixels.
+        rng: source of the crop offset and flip decision.
+        center_crop: centre crop instead of a random one.
+        random_flip: flip horizontally with probability 0.5.
+        aesthetic: the aesthetic-score micro-conditioning value (6 as the reference).
+
+    Returns:
+        {"pixels": (3, R, R) float32 in [0, 1], "micro_conds": (5,) float32
+        [orig_width, orig_height, crop_top, crop_left, aesthetic]}.
+    """
+    image = to_rgb(image)
+    orig_w, orig_h = image.size
+    scale = resolution / min(orig_w, orig_h)
+    new_w, new_h = max(resolution, round(orig_w * scale)), max(resolution, round(orig_h * scale))
+    image = image.resize((new_w, new_h), PIL.Image.BILINEAR)
+    if center_crop:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+        left = new_w - left - resolution  # the crop's left edge as seen in the flipped image
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, R, R)
+    micro = torch.tensor([orig_w, orig_h, top, left, aesthetic], dtype=torch.float32)
+    return {"pixels": pixels.contiguous(), "micro_conds": micro}
+
+
+def sample_rng(seed: int, epoch: int, index: int | str) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{index}")  # str seeds hash deterministically (sha512)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ImageFolder:
+    """Images of a folder with their captions (see the module docstring for the layout).
+
+    Args:
+        root: the folder.
+        caption_column: caption field of the metadata rows ("text").
+        image_column: file-name field of the metadata rows ("file_name").
+        instance_prompt: caption for every image when the folder has no metadata file.
+    """
+
+    def __init__(self, root: str | Path, caption_column: str = "text", image_column: str = "file_name",
+                 instance_prompt: str | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {self.root} does not exist")
+        rows = self._read_metadata(caption_column, image_column)
+        if rows is None:
+            files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            rows = [(p, instance_prompt if instance_prompt is not None else p.stem.replace("_", " ")) for p in files]
+        if not rows:
+            raise ValueError(f"image folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.rows = rows
+
+    def _read_metadata(self, caption_column: str, image_column: str) -> list[tuple[Path, str]] | None:
+        jsonl, csv_path = self.root / "metadata.jsonl", self.root / "metadata.csv"
+        if jsonl.is_file():
+            records = []
+            for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{jsonl}:{n}: not JSON: {e}") from e
+            source = jsonl
+        elif csv_path.is_file():
+            with open(csv_path, newline="") as f:
+                records = list(csv.DictReader(f))
+            source = csv_path
+        else:
+            return None
+        rows = []
+        for n, record in enumerate(records, 1):
+            if image_column not in record or caption_column not in record:
+                raise ValueError(f"{source} row {n} lacks {image_column!r} or {caption_column!r} "
+                                 f"(has {sorted(record)}); set --image_column / --caption_column")
+            path = self.root / record[image_column]
+            if not path.is_file():
+                raise ValueError(f"{source} row {n}: image {path} does not exist")
+            rows.append((path, str(record[caption_column])))
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, caption = self.rows[index]
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+                return {"image": image.copy(), "caption": caption}
+        except (OSError, PIL.UnidentifiedImageError) as e:
+            raise ValueError(f"cannot read training image {path}: {e}") from e
+
+
+class SingleImage:
+    """One image and its prompt (single-image style training): index 0 only, the sampler repeats it."""
+
+    def __init__(self, path: str | Path, prompt: str):
+        self.path, self.prompt = Path(path), prompt
+        if not self.path.is_file():
+            raise ValueError(f"--instance_data_image {self.path} does not exist")
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        with PIL.Image.open(self.path) as image:
+            image.load()
+            return {"image": image.copy(), "caption": self.prompt}
+
+
+class Records:
+    """An indexable of dicts, such as a `datasets.Dataset`, viewed as image-caption pairs.
+
+    Args:
+        records: supports `len()` and `records[i] -> dict`.
+        image_column: the PIL image (or file path, or {"bytes": ...}) field.
+        caption_column: the caption field.
+    """
+
+    def __init__(self, records: Sequence[dict], image_column: str = "image", caption_column: str = "text"):
+        self.records, self.image_column, self.caption_column = records, image_column, caption_column
+        names = getattr(records, "column_names", None)
+        if names is not None and (image_column not in names or caption_column not in names):
+            raise ValueError(f"dataset columns are {names}; set --image_key / --prompt_key")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = record[self.image_column]
+        if isinstance(image, (str, Path)):
+            image = PIL.Image.open(image)
+        elif isinstance(image, dict) and image.get("bytes") is not None:
+            image = PIL.Image.open(io.BytesIO(image["bytes"]))
+        return {"image": image, "caption": str(record[self.caption_column])}
+
+
+def expand_shards(spec: str) -> list[str]:
+    """"data/{000..009}.tar", globs and comma-separated lists -> sorted shard paths."""
+    paths: list[str] = []
+    for part in spec.split(","):
+        match = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if match:
+            lo, hi, width = int(match[1]), int(match[2]), len(match[1])
+            names = [part[:match.start()] + str(i).zfill(width) + part[match.end():] for i in range(lo, hi + 1)]
+        else:
+            names = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        paths.extend(names)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing or not paths:
+        raise ValueError(f"tar shards {spec!r}: missing {missing[:3] or 'all'}")
+    return paths
+
+
+def iter_tar(path: str) -> Iterator[dict[str, Any]]:
+    """Samples of one webdataset tar: members grouped by key (path up to the basename's first dot)."""
+    current: dict[str, bytes] = {}
+    key = None
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot or stem.startswith("."):
+                continue
+            member_key = f"{folder}/{stem}" if folder else stem
+            if member_key != key and current:
+                yield {"__key__": key, **current}
+                current = {}
+            key = member_key
+            current[ext.lower()] = tar.extractfile(member).read()
+    if current:
+        yield {"__key__": key, **current}
+
+
+def decode_tar_sample(sample: dict[str, Any], source: str) -> dict[str, Any]:
+    image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+    if image_ext is None:
+        raise ValueError(f"{source}: sample {sample['__key__']} has no jpg/png/webp member")
+    if "txt" in sample or "caption" in sample:
+        caption = sample.get("txt", sample.get("caption")).decode("utf-8")
+    elif "json" in sample:
+        meta = json.loads(sample["json"])
+        caption = meta.get("text", meta.get("caption", ""))
+    else:
+        raise ValueError(f"{source}: sample {sample['__key__']} has no txt/caption/json member")
+    return {"image": PIL.Image.open(io.BytesIO(sample[image_ext])), "caption": caption.strip()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training datasets: source + preprocessing + ordering
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Map-style training set; `EpochSampler` yields (epoch, index) keys so augmentation is reproducible."""
+
+    def __init__(self, source, resolution: int, center_crop: bool = False, random_flip: bool = False,
+                 seed: int = 0, prompt_prefix: str | None = None):
+        self.source, self.resolution, self.seed = source, resolution, seed
+        self.center_crop, self.random_flip, self.prompt_prefix = center_crop, random_flip, prompt_prefix
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        item = self.source[index]
+        out = preprocess(item["image"], self.resolution, sample_rng(self.seed, epoch, index), self.center_crop,
+                         self.random_flip)
+        out["caption"] = (self.prompt_prefix or "") + item["caption"]
+        return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of epoch `epoch`, from micro-batch `start_batch` on; yields (epoch, index).
+
+    The order is a permutation seeded by (seed, epoch), tiled when the data is smaller than one global batch
+    (single-image training), cut to whole batches and split across ranks by striding.
+    """
+
+    def __init__(self, size: int, batch_size: int, epoch: int, seed: int, shuffle: bool = True, rank: int = 0,
+                 world: int = 1, start_batch: int = 0):
+        self.size, self.batch_size, self.epoch, self.seed = size, batch_size, epoch, seed
+        self.shuffle, self.rank, self.world, self.start_batch = shuffle, rank, world, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return max(self.size, self.batch_size * self.world) // (self.batch_size * self.world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        total = self.batches_per_epoch() * self.batch_size * self.world
+        order = order.repeat(-(-total // self.size))[:total]
+        mine = order[self.rank::self.world][self.start_batch * self.batch_size:]
+        return iter([(self.epoch, int(i)) for i in mine])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.start_batch) * self.batch_size
+
+
+class TarShardStream(torch.utils.data.IterableDataset):
+    """Streams tar shards: shards shuffled per epoch, split across ranks then DataLoader workers.
+
+    `set_position(epoch, start_batch)` must be called before each epoch's iterator is made. On resume, worker
+    w takes over the stream of the worker that would have produced the resumed run's w-th batch, so the
+    batch order is the uninterrupted one's (exactly, while every worker still has data).
+    """
+
+    def __init__(self, shards: list[str], resolution: int, batch_size: int, center_crop: bool = False,
+                 random_flip: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
+                 prompt_prefix: str | None = None):
+        self.shards, self.resolution, self.batch_size, self.seed = shards, resolution, batch_size, seed
+        self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
+        self.prompt_prefix = prompt_prefix
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        order = random.Random(f"{self.seed}/shards/{self.epoch}").sample(self.shards, len(self.shards))
+        role = (self.start_batch + worker) % workers  # the original worker whose stream this one continues
+        skip = (self.start_batch + worker) // workers * self.batch_size
+        mine = order[self.rank::self.world][role::workers]
+        index = 0
+        for shard in mine:
+            for sample in iter_tar(shard):
+                index += 1
+                if index <= skip:
+                    continue  # skipped without decoding the image
+                item = decode_tar_sample(sample, shard)
+                rng = sample_rng(self.seed, self.epoch, f"{Path(shard).name}/{sample['__key__']}")
+                out = preprocess(item["image"], self.resolution, rng, self.center_crop, self.random_flip)
+                out["caption"] = (self.prompt_prefix or "") + item["caption"]
+                yield out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pre-encoded shards
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PreencodedDataset(torch.utils.data.Dataset):
+    """Reads `amused preencode` output: index.json + shard-NNNNN.safetensors (ids int16, hidden/pooled fp16).
+
+    Items: {"ids": (h, w) long, "hidden": (S, D), "pooled": (P,), "micro_conds": (5,), "caption": str}.
+    Tensors are read from the memory-mapped files per item, so the dataset does not have to fit in RAM.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        index_path = self.root / "index.json"
+        if not index_path.is_file():
+            raise ValueError(f"{self.root} is not a pre-encoded dataset (missing index.json; run `amused preencode`)")
+        self.index = json.loads(index_path.read_text())
+        self.shards = [(self.root / s["file"], s["num_samples"]) for s in self.index["shards"]]
+        self.offsets = np.cumsum([0] + [n for _, n in self.shards])
+        self._open: dict[int, Any] = {}
+        self._captions: dict[int, list[str]] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _handle(self, shard: int):
+        if shard not in self._open:  # opened lazily, per DataLoader worker
+            path = self.shards[shard][0]
+            handle = safe_open(str(path), framework="pt")
+            self._open[shard] = handle
+            self._captions[shard] = json.loads(handle.metadata().get("captions", "[]"))
+        return self._open[shard]
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        index = key[1] if isinstance(key, tuple) else key
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        row = index - int(self.offsets[shard])
+        f = self._handle(shard)
+        out = {name: f.get_slice(name)[row:row + 1][0] for name in ("ids", "hidden", "pooled", "micro_conds")}
+        out["ids"] = out["ids"].long()
+        captions = self._captions[shard]
+        out["caption"] = captions[row] if row < len(captions) else ""
+        return out
+
+    def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, S, D) hidden and (1, P) pooled embedding of "" (what text dropout substitutes)."""
+        path = self.root / "empty_prompt.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("hidden"), f.get_tensor("pooled")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From command-line arguments
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train"):
+    """A `datasets` dataset from a `save_to_disk` folder or `load_dataset` (a hub name or local files)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("--instance_data_dataset needs the `datasets` package: pip install datasets") from e
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        data = datasets.load_from_disk(str(path))
+    else:
+        data = datasets.load_dataset(name_or_path, split=split)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"dataset {name_or_path} has splits {list(data)}, not {split!r} (--dataset_split)")
+        data = data[split]
+    return data
+
+
+def make_dataset(args, rank: int = 0, world: int = 1, dataset=None):
+    """The training dataset the arguments name: exactly one of --train_data_dir / --instance_data_dir,
+    --instance_data_image, --instance_data_dataset, --train_shards, --preencoded_data_dir (or `dataset`, a
+    `datasets.Dataset` or list of dicts passed from Python).
+
+    Returns:
+        A `TrainDataset` or `PreencodedDataset` (map-style, ordered by `EpochSampler`) or a `TarShardStream`.
+    """
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    folder = get("train_data_dir") or get("instance_data_dir")
+    given = {name: value for name, value in [("--train_data_dir/--instance_data_dir", folder),
+                                             ("--instance_data_image", get("instance_data_image")),
+                                             ("--instance_data_dataset", get("instance_data_dataset")),
+                                             ("--train_shards", get("train_shards")),
+                                             ("--preencoded_data_dir", get("preencoded_data_dir")),
+                                             ("dataset", dataset)] if value is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one data source, got {sorted(given) or 'none'}")
+    if get("preencoded_data_dir"):
+        return PreencodedDataset(args.preencoded_data_dir)
+    caption_column = get("prompt_key") or get("caption_column") or "text"
+    common = dict(resolution=args.resolution, center_crop=bool(get("center_crop")),
+                  random_flip=bool(get("random_flip")), seed=get("seed") or 0, prompt_prefix=get("prompt_prefix"))
+    if get("train_shards"):
+        return TarShardStream(expand_shards(args.train_shards), batch_size=args.train_batch_size, rank=rank,
+                              world=world, **common)
+    if folder:
+        source = ImageFolder(folder, caption_column, get("image_column") or "file_name", get("instance_prompt"))
+    elif get("instance_data_image"):
+        if not get("instance_prompt"):
+            raise ValueError("--instance_data_image needs --instance_prompt (the caption of the image)")
+        source = SingleImage(args.instance_data_image, args.instance_prompt)
+    else:
+        records = dataset if dataset is not None else load_hf_dataset(args.instance_data_dataset,
+                                                                       get("dataset_split") or "train")
+        source = Records(records, get("image_key") or "image", caption_column)
+    return TrainDataset(source, **common)

@@ -1,0 +1,50 @@
+"""The fast path's program (what gets captured as a CUDA graph) equals the plain path fed the same noise.
+
+Graph capture itself needs a GPU (benchmarks/bench.py checks replay against the plain path there); here the
+captured program runs eagerly on the CPU, with fused projections and channels-last VQ, as it is built.
+"""
+
+import torch
+
+from amused import sampling
+from amused.fast import FastDecoder
+from amused.pipeline import AmusedPipeline
+from conftest import seeded
+
+
+def test_fused_projections_keep_logits(ours):
+    ids = torch.randint(0, 24, (2, 4, 4), generator=seeded(0))
+    hidden, pooled, micro = torch.randn(2, 16, 8), torch.randn(2, 8), torch.tensor([[8.0, 8, 0, 0, 6]] * 2)
+    with torch.no_grad():
+        plain = ours.transformer(ids, hidden, pooled, micro)
+        for m in ours.transformer.modules():
+            if hasattr(m, "fuse_projections"):
+                m.fuse_projections()
+        fused = ours.transformer(ids, hidden, pooled, micro)
+    assert any(getattr(m, "fused_qkv", None) is not None for m in ours.transformer.modules())
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_program_equals_plain_path_with_same_noise(ref_dir):
+    plain = AmusedPipeline.from_pretrained(ref_dir)
+    fast_pipe = AmusedPipeline.from_pretrained(ref_dir)
+    fast = FastDecoder(fast_pipe, compile=False)
+    with torch.inference_mode():
+        embeds = plain.encode_prompt(["a cat", "a dog"], None, 1, True)
+        micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(4, -1)
+        start = torch.full((2, 8, 8), 23)
+        expected = sampling.decode(plain.logits_fn(embeds, micro, 10.0), start, num_steps=6, mask_token_id=23,
+                                   draw="gumbel", generator=seeded(5))
+        expected_images = plain.vqvae.decode(expected)
+        fast.generator = seeded(5)
+        bufs = {"tokens": start.clone(), "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro}
+        tokens, images = fast._program(bufs, 10.0, 0, 6, "cosine", (2, 0))
+    assert torch.equal(tokens, expected)
+    torch.testing.assert_close(images, expected_images, rtol=1e-5, atol=1e-5)
+
+
+def test_enable_fast_needs_cuda(ours):
+    import pytest
+
+    with pytest.raises(ValueError, match="CUDA"):
+        ours.enable_fast()
