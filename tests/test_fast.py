@@ -28,7 +28,7 @@ def test_fused_projections_keep_logits(ours):
 def test_graph_program_equals_plain_path_with_same_noise(ref_dir):
     plain = AmusedPipeline.from_pretrained(ref_dir)
     fast_pipe = AmusedPipeline.from_pretrained(ref_dir)
-    fast = FastDecoder(fast_pipe, compile=False)
+    fast = FastDecoder(fast_pipe, compile=False, vq_dtype=torch.float32)
     with torch.inference_mode():
         embeds = plain.encode_prompt(["a cat", "a dog"], None, 1, True)
         micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(4, -1)
@@ -48,3 +48,17 @@ def test_enable_fast_needs_cuda(ours):
 
     with pytest.raises(ValueError, match="CUDA"):
         ours.enable_fast()
+
+
+def test_bench_runs_side_by_side_on_cpu(ref_dir, tmp_path):
+    import json
+
+    from amused.bench import run
+
+    rows = run(batches=(1, 2), steps=2, repeats=2, device="cpu", dtype="fp32", model=str(ref_dir),
+               out=str(tmp_path / "b.json"))
+    timings = [r for r in rows if "ours" in r]
+    assert [r["batch"] for r in timings] == [1, 2]
+    assert all(r["ours"]["ms_median"] > 0 and r["reference"]["ms_median"] > 0 and r["speedup"] > 0 for r in timings)
+    assert timings[0]["flops"]["uvit_forward"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["rows"]

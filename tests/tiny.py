@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from amused.presets import write_clip_tokenizer
+
 CODEBOOK = 16
 VOCAB = 24  # codebook + mask token, padded; mask id = 23
 MASK_ID = VOCAB - 1
@@ -25,31 +27,6 @@ VQ_KWARGS = dict(act_fn="silu", block_out_channels=[8, 8], down_block_types=["Do
                  norm_num_groups=4, num_vq_embeddings=CODEBOOK, out_channels=3, sample_size=8,
                  mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True)
 IMAGE_SIZE = 8  # pixels; VQ factor 2 -> 4x4 tokens -> 2x2 after the U-ViT's downsample
-
-
-def write_clip_tokenizer(folder: Path, max_length: int = 16):
-    """A character-level CLIP tokenizer (byte-to-unicode alphabet, no merges) saved with transformers."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    # CLIP's byte-to-unicode table: printable bytes map to themselves, the rest to chars above 255.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    vocab = {}
-    for tok in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
-        vocab[tok] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
-                        pad_token="<|endoftext|>")
-    tok.save_pretrained(folder)
-    return tok
 
 
 def randomize(module: torch.nn.Module, seed: int, scale: float = 0.5) -> None:

@@ -92,12 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amused", description="aMUSEd masked-token text-to-image generation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
-    for module, fn in (("amused.training.cli", "add_commands"), ("amused.data.emoji", "add_command")):
-        try:
-            register = getattr(__import__(module, fromlist=[fn]), fn)
-        except (ImportError, AttributeError):
-            continue
-        register(sub)
+    from .bench import add_command as add_bench
+    from .data.emoji import add_command as add_emoji_data
+
+    add_bench(sub)
+    add_emoji_data(sub)
+    try:
+        from .training.cli import add_commands as add_training
+    except ModuleNotFoundError as e:  # training extras (peft, accelerate) not installed
+        if e.name and e.name.startswith("amused"):
+            raise
+        add_training = None
+    if add_training is not None:
+        add_training(sub)
     return parser
 
 

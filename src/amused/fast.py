@@ -34,6 +34,43 @@ class _Graph:
 
 
 @dataclass
+class _TextGraph:
+    graph: torch.cuda.CUDAGraph | None  # None: this text model could not be captured; run it eagerly
+    ids: torch.Tensor
+    mask: torch.Tensor
+    hidden: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+
+def compile_blocks(pipe) -> None:
+    """`torch.compile` the repeated blocks one by one rather than the whole model: the 22 transformer layers
+    share one compiled graph (parameters are graph inputs), so compilation takes seconds, not minutes, and
+    kernels still fuse within each block. The CUDA graph removes the launch cost between blocks."""
+    uvit, vq = pipe.transformer, pipe.vqvae
+    blocks = [*uvit.transformer_layers, uvit.down_block, uvit.up_block, uvit.mlm_layer, uvit.embed,
+              vq.decoder.mid_block, *vq.decoder.up_blocks]
+    for block in blocks:
+        block.compile(dynamic=False)
+
+
+def _warm_up(fn, runs: int = 2) -> None:
+    """Run `fn` on a side stream before capture (compilation, cuBLAS/cuDNN autotuning, allocator pools),
+    the last run with host syncs turned into errors, so a sync fails here with its stack instead of
+    breaking the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for i in range(runs):
+            if i == runs - 1:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+@dataclass
 class FastDecoder:
     """Captures and replays `sampling.decode` + VQ decode for one pipeline.
 
@@ -46,6 +83,7 @@ class FastDecoder:
     pipe: object
     compile: bool = True
     vq_dtype: torch.dtype = torch.bfloat16
+    fuse: bool = True  # fused Q/K/V projections (same math, different rounding)
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
@@ -53,17 +91,49 @@ class FastDecoder:
         pipe = self.pipe
         for module in pipe.transformer.modules():
             if hasattr(module, "fuse_projections"):
-                module.fuse_projections()
+                module.fuse_projections() if self.fuse else module.unfuse_projections()
         pipe.vqvae.to(memory_format=torch.channels_last)
-        self.transformer = torch.compile(pipe.transformer) if self.compile else pipe.transformer
-        self.vq_decode = torch.compile(self._vq_decode) if self.compile else self._vq_decode
+        if self.compile:
+            compile_blocks(pipe)
+        self.transformer = pipe.transformer
         self.generator = torch.Generator(pipe.device)
+        self.text_graphs: dict[tuple, _TextGraph] = {}
 
     def _vq_decode(self, tokens: torch.Tensor) -> torch.Tensor:
         vq = self.pipe.vqvae
-        with torch.autocast("cuda", dtype=self.vq_dtype, enabled=self.vq_dtype != vq.dtype):
+        with torch.autocast(tokens.device.type, dtype=self.vq_dtype, enabled=self.vq_dtype != vq.dtype):
             quantized = vq.quantize.lookup(tokens).contiguous(memory_format=torch.channels_last)
             return vq.decode_latents(quantized).float().clamp(0, 1)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text encoding replayed from a CUDA graph per batch size (eager if the model cannot be captured)."""
+        encoder = self.pipe.prompt_encoder
+        batch = encoder.tokenize(list(prompts))
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        key = tuple(ids.shape)
+        entry = self.text_graphs.get(key)
+        if entry is None:
+            entry = self.text_graphs[key] = self._capture_text(encoder, ids.to(self.pipe.device),
+                                                               mask.to(self.pipe.device))
+        entry.ids.copy_(ids, non_blocking=True)
+        entry.mask.copy_(mask, non_blocking=True)
+        if entry.graph is None:
+            with torch.inference_mode():
+                return encoder.encode_ids(entry.ids, entry.mask)
+        entry.graph.replay()
+        return entry.hidden.clone(), entry.pooled.clone()
+
+    def _capture_text(self, encoder, ids, mask) -> _TextGraph:
+        try:
+            _warm_up(lambda: encoder.encode_ids(ids, mask))
+        except RuntimeError as e:  # a text model that syncs (data-dependent masks) cannot be captured
+            warnings.warn(f"text encoder not captured as a CUDA graph (it syncs with the host: {e}); running it "
+                          f"eagerly")
+            return _TextGraph(None, ids, mask)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            hidden, pooled = encoder.encode_ids(ids, mask)
+        return _TextGraph(graph, ids, mask, hidden, pooled)
 
     def supports(self, generator, callback) -> bool:
         return callback is None and (generator is None or generator.device.type == "cuda")
@@ -98,16 +168,11 @@ class FastDecoder:
                                  mask_token_id=pipe.scheduler.mask_token_id, start_step=start_step, schedule=schedule,
                                  temperature=temperature, total=bufs.get("total"), draw="gumbel",
                                  generator=self.generator)
-        return tokens, self.vq_decode(tokens)
+        return tokens, self._vq_decode(tokens)
 
     def _capture(self, inputs, *settings) -> _Graph:
         bufs = {name: value.clone() for name, value in inputs.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm-up: compilation, cuBLAS/cuDNN autotuning, allocator pools
-                self._program(bufs, *settings)
-        torch.cuda.current_stream().wait_stream(stream)
+        _warm_up(lambda: self._program(bufs, *settings))
         graph = torch.cuda.CUDAGraph()
         if hasattr(graph, "register_generator_state"):
             graph.register_generator_state(self.generator)

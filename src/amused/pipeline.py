@@ -169,7 +169,8 @@ class AmusedPipeline:
     # ------------------------------------------------------------------------------------------------------
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = self.prompt_encoder(prompts)
+        encode = self._fast.encode if self._fast is not None else self.prompt_encoder
+        hidden, pooled = encode(prompts)
         return hidden.to(self.dtype), pooled.to(self.dtype)
 
     def _encode_negative(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,13 +320,14 @@ class AmusedPipeline:
                 raise FloatingPointError("the VQ decoder gives non-finite pixels even in float32: corrupt weights?")
         return images
 
-    def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16) -> "AmusedPipeline":
+    def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16, fuse: bool = True
+                    ) -> "AmusedPipeline":
         """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`."""
         from .fast import FastDecoder
 
         if self.device.type != "cuda":
             raise ValueError("enable_fast needs the pipeline on a CUDA device; call .to('cuda') first")
-        self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype)
+        self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype, fuse=fuse)
         return self
 
     def _image_tokens(self, image: torch.Tensor, generator) -> torch.Tensor:

@@ -1080,13 +1080,26 @@ def parse_background(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+DESCRIPTION = ("Build a captioned emoji image set (imagefolder layout) from freely licensed emoji art "
+               "downloaded with npm.")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command-line parser of :func:`main`."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Build a captioned emoji image set (imagefolder layout) from "
-        "freely licensed emoji art downloaded with npm.",
-    )
+    return _add_arguments(argparse.ArgumentParser(prog=prog, description=DESCRIPTION))
+
+
+def add_command(subparsers) -> None:
+    """Register `amused build-emoji-data` on the main CLI."""
+    parser = subparsers.add_parser("build-emoji-data", help="build the emoji training set (npm downloads)",
+                                   description=DESCRIPTION, epilog="example:\n  amused build-emoji-data --out "
+                                   "data/emoji --styles google,twitter,openmoji",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    parser.set_defaults(func=lambda args: _run(args))
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default="data/emoji", help="output directory (default: data/emoji)"
     )
@@ -1125,7 +1138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Process exit status.
     """
-    args = build_parser().parse_args(argv)
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     build_emoji_dataset(
         args.out,
         styles=args.styles.split(","),

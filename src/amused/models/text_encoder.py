@@ -56,17 +56,18 @@ class TextEncoder(nn.Module):
             pooled: (B, pooled_dim) pooled embedding.
         """
         batch = self.tokenize(list(prompts))
-        ids = batch["input_ids"].to(self.device)
+        return self.encode_ids(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+
+    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, S) and attention mask (B, S) -> (hidden, pooled); no host sync (graph-capturable)."""
         if self.is_clip:  # CLIP's causal mask covers padding; aMUSEd passes no attention mask
             out = self.model(ids, output_hidden_states=True, return_dict=True)
             return out.hidden_states[-2], out.text_embeds
-        mask = batch["attention_mask"].to(self.device)
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
-        hidden = out.hidden_states[-2]
         last = out.hidden_states[-1]
         weights = mask[..., None].to(last.dtype)
         pooled = (last * weights).sum(1) / weights.sum(1).clamp(min=1)  # mean over real tokens
-        return hidden, pooled
+        return out.hidden_states[-2], pooled
 
     @property
     def hidden_size(self) -> int:

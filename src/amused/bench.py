@@ -1,0 +1,274 @@
+"""`amused bench`: inference time of ours against diffusers' AmusedPipeline, side by side on one device.
+
+For each model (a checkpoint, or the published amused-256 / amused-512 architectures with random weights)
+and batch size: ms per call and per image (median of N calls after warm-up; prompt encoding, every step,
+VQ decode and the copy of the images to the host included), peak GPU memory, the speed-up, and the
+arithmetic floor (FLOPs counted by torch's FlopCounterMode / measured fp16 matmul rate). The reference gets
+the same weights (its modules load our state dict: the parameter names are the same). Prints a table and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["a photo of a red apple on a wooden table", "an astronaut riding a horse", "a watercolor fox",
+           "a bowl of ramen, studio light", "a lighthouse at dusk", "a cat wearing sunglasses",
+           "a snowy mountain village", "a robot reading a book"]
+
+
+def random_pipeline(preset: str, device: str, dtype: torch.dtype):
+    """Published architecture, random weights, CLIP-L-shaped text encoder with a character-level vocab."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .models.uvit import UViT
+    from .models.vqgan import VQGAN
+    from .pipeline import AmusedPipeline, SchedulerConfig
+    from .presets import CLIP_L, VQ_PRESETS, uvit_config, write_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = write_clip_tokenizer(Path(tempfile.mkdtemp()), max_length=77)
+    with torch.device(device):
+        text = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)).eval()
+        transformer = UViT(uvit_config(preset)).eval()
+        vqvae = VQGAN(VQ_PRESETS["amused"]()).eval()
+    pipe = AmusedPipeline(vqvae, tokenizer, text, transformer, SchedulerConfig())
+    return pipe.to(device, dtype)
+
+
+def reference_pipeline(pipe):
+    """diffusers' AmusedPipeline over the same weights (None when diffusers is not installed)."""
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    import dataclasses
+
+    t_cfg = dataclasses.asdict(pipe.transformer.config)
+    v_cfg = {k: v for k, v in dataclasses.asdict(pipe.vqvae.config).items() if v is not None}
+    transformer = diffusers.UVit2DModel(**t_cfg)
+    transformer.load_state_dict(pipe.transformer.state_dict())
+    vqvae = diffusers.VQModel(**v_cfg)
+    vqvae.load_state_dict(pipe.vqvae.state_dict())
+    ref = diffusers.AmusedPipeline(vqvae=vqvae, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
+                                   transformer=transformer,
+                                   scheduler=diffusers.AmusedScheduler(mask_token_id=pipe.scheduler.mask_token_id))
+    ref.set_progress_bar_config(disable=True)
+    return ref.to(pipe.device, pipe.dtype)
+
+
+def timed(fn, repeats: int, device: torch.device) -> dict:
+    """Median / min ms of `repeats` calls after one warm-up, and the peak memory over them."""
+    fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "peak_gib": peak}
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+def count_flops(pipe, batch: int, guided: bool = True) -> dict:
+    """FLOPs of one U-ViT forward (guided batch), one VQ decode and one text encoding."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = pipe.transformer.config
+    side = cfg.sample_size
+    n = batch * (2 if guided else 1)
+    ids = torch.full((n, side, side), cfg.mask_token_id, device=pipe.device)
+    hidden = torch.zeros(n, pipe.prompt_encoder.max_length, cfg.encoder_hidden_size, device=pipe.device, dtype=pipe.dtype)
+    pooled = torch.zeros(n, cfg.cond_embed_dim, device=pipe.device, dtype=pipe.dtype)
+    micro = torch.zeros(n, 5, device=pipe.device, dtype=pipe.dtype)
+    out = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            pipe.transformer(ids, hidden, pooled, micro)
+        out["uvit_forward"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            pipe.vqvae.decode(ids[:batch].clamp(max=cfg.codebook_size - 1))
+        out["vq_decode"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            pipe.prompt_encoder([""] * batch)
+        out["text_encode"] = fc.get_total_flops()
+    return out
+
+
+def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, repeats: int = 7,
+        device: str = "cuda", dtype: str = "fp16", model: str | None = None, reference: bool = True,
+        reference_compile: bool = False, compile: bool = True, out: str | None = None) -> list[dict]:
+    from .pipeline import AmusedPipeline
+
+    dev = torch.device(device)
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tflops = matmul_tflops(dev, torch_dtype)
+    rows = []
+    for preset in ([model] if model else presets):
+        if model:
+            pipe = AmusedPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(dev)
+        else:
+            pipe = random_pipeline(preset, device, torch_dtype)
+        ref = reference_pipeline(pipe) if reference and pipe.prompt_encoder.is_clip else None
+        if ref is not None and reference_compile:
+            ref.transformer = torch.compile(ref.transformer)
+        flops = {batch: count_flops(pipe, batch) for batch in batches}  # before compiling
+        plain_check = None
+        if dev.type == "cuda":
+            try:
+                plain_check = _graph_matches_plain(pipe, steps)
+            except Exception as e:  # report, and still time the rest
+                plain_check = {"error": f"{type(e).__name__}: {e}"}
+            pipe.enable_fast(compile=compile)
+        side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        for batch in batches:
+            prompts = PROMPTS[:batch] if batch <= len(PROMPTS) else (PROMPTS * batch)[:batch]
+            gen = torch.Generator(dev).manual_seed(0) if dev.type == "cuda" else torch.Generator().manual_seed(0)
+            start = time.perf_counter()
+            pipe(prompts, num_inference_steps=steps, output_type="np", generator=gen)  # capture / compile
+            warmup_s = time.perf_counter() - start
+            ours = timed(lambda: pipe(prompts, num_inference_steps=steps, output_type="np"), repeats, dev)
+            row = {"model": preset, "batch": batch, "steps": steps, "ours": ours, "ours_warmup_s": warmup_s,
+                   "side_px": side}
+            if ref is not None:
+                row["reference"] = timed(lambda: ref(prompts, num_inference_steps=steps, output_type="np"),
+                                         repeats, dev)
+                row["speedup"] = row["reference"]["ms_median"] / ours["ms_median"]
+            row["flops"] = flops[batch]
+            if tflops:
+                f = flops[batch]
+                total = steps * f["uvit_forward"] + f["vq_decode"] + f["text_encode"]
+                row["floor_ms"] = total / (tflops * 1e12) * 1000
+            if dev.type == "cuda":
+                row["breakdown_ms"] = _breakdown(pipe, prompts, steps, dev)
+            rows.append(row)
+        info = {"plain_vs_graph_tokens_equal": plain_check}
+        rows.append({"model": preset, "checks": info})
+        del pipe, ref
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "dtype": dtype, "matmul_tflops": tflops,
+            "threads": torch.get_num_threads()}
+    try:
+        import diffusers
+
+        meta["diffusers"] = diffusers.__version__
+    except ImportError:
+        meta["diffusers"] = None
+    print_table(rows, meta)
+    if out:
+        Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
+def _graph_matches_plain(pipe, steps: int) -> dict:
+    """Graph replay (no compile) vs the plain eager loop, same seed: the same tokens?"""
+    prompts = PROMPTS[:2]
+    plain = pipe(prompts, num_inference_steps=steps, output_type="latent",
+                 generator=torch.Generator(pipe.device).manual_seed(123)).images
+    pipe.enable_fast(compile=False, fuse=False)
+    graphed = pipe(prompts, num_inference_steps=steps, output_type="latent",
+                   generator=torch.Generator(pipe.device).manual_seed(123)).images
+    pipe._fast = None
+    return {"equal": bool(torch.equal(plain, graphed)), "fraction_equal": float((plain == graphed).float().mean())}
+
+
+def _breakdown(pipe, prompts, steps, dev) -> dict:
+    """Where the time of one call goes: text encoding, the graph (steps + VQ decode), VQ decode alone, rest."""
+    fast = pipe._fast
+
+    def t(fn, n=5):
+        fn()
+        torch.cuda.synchronize()
+        s = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - s) / n * 1000
+
+    text = t(lambda: pipe.encode_prompt(prompts, None, 1, True))
+    entry = next(iter(g for k, g in fast.graphs.items() if k[0][0] == len(prompts)))
+    graph = t(entry.graph.replay)
+    with torch.inference_mode():
+        vq = t(lambda: fast._vq_decode(entry.tokens))
+    return {"text_encode": text, "graph_steps_plus_vq": graph, "vq_decode_eager_compiled": vq,
+            "steps_only_est": graph - vq}
+
+
+def print_table(rows, meta) -> None:
+    print(f"\ndevice: {meta['device']}  torch {meta['torch']}  diffusers {meta['diffusers']}  {meta['dtype']}  "
+          f"matmul {meta['matmul_tflops'] and round(meta['matmul_tflops'])} TFLOP/s")
+    print(f"{'model':<12} {'batch':>5} {'ours ms':>9} {'ms/img':>8} {'ref ms':>9} {'speed-up':>9} {'floor ms':>9} "
+          f"{'peak GiB':>9}")
+    for r in rows:
+        if "checks" in r:
+            print(f"{r['model']:<12} checks: {r['checks']}")
+            continue
+        ref = r.get("reference", {}).get("ms_median")
+        print(f"{r['model']:<12} {r['batch']:>5} {r['ours']['ms_median']:>9.1f} {r['ours']['ms_median'] / r['batch']:>8.1f} "
+              f"{ref if ref is None else round(ref, 1)!s:>9} {r.get('speedup', float('nan')):>9.1f} "
+              f"{r.get('floor_ms', float('nan')):>9.1f} {r['ours']['peak_gib'] or float('nan'):>9.2f}")
+        if "breakdown_ms" in r:
+            print(f"{'':<12} breakdown ms: " + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown_ms"].items()))
+
+
+def add_command(subparsers) -> None:
+    import argparse
+
+    p = subparsers.add_parser("bench", help="time ours against diffusers side by side",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  amused bench                                   # amused-256/512 random weights, batch 1 and 8, vs diffusers
+  amused bench --model path/to/ckpt --batch 1    # a real checkpoint
+  amused bench --device cpu --model embedded --batch 1 --no-reference
+""")
+    p.add_argument("--model", default=None, help="checkpoint folder/hub id, or 'embedded' (default: random presets)")
+    p.add_argument("--preset", nargs="+", default=["amused-256", "amused-512"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--no-reference", action="store_true", help="skip diffusers")
+    p.add_argument("--reference-compile", action="store_true", help="also torch.compile diffusers' transformer")
+    p.add_argument("--no-compile", action="store_true", help="CUDA graphs without torch.compile")
+    p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+
+    def handler(args):
+        model = args.model
+        if model == "embedded":
+            from .embedded import embedded_model_path
+
+            model = str(embedded_model_path())
+        dtype = args.dtype if args.device != "cpu" else "fp32"
+        run(args.preset, args.batch, args.steps, args.repeats, args.device, dtype, model, not args.no_reference,
+            args.reference_compile, not args.no_compile, args.out)
+        return 0
+
+    p.set_defaults(func=handler)

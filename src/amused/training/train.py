@@ -1,0 +1,397 @@
+"""`amused train` (a U-ViT from scratch) and `amused finetune` (a pipeline, full or LoRA): one accelerate loop.
+
+Each optimizer step: images -> VQ token ids (frozen VQGAN) and captions -> text states + pooled embedding
+(frozen text encoder, or LoRA-trained), or both read from pre-encoded shards; text dropped for classifier-free
+guidance with probability `--cond_dropout_prob`; a cosine-scheduled fraction of tokens masked; cross-entropy
+with label smoothing on the masked tokens (masking.py). Gradient accumulation, clipping, EMA, warmup + decay,
+mixed precision and DDP/FSDP come from accelerate (`accelerate launch -m amused.cli train ...`); the memory
+options are `--weights_dtype bf16`, `--use_8bit_adam`, `--gradient_checkpointing` and
+`--fused_optimizer_step` (optim.py). Checkpoints are atomic and resumable (checkpoint.py); the result is saved
+in the published layout (`AmusedPipeline.save_pretrained`, EMA weights when EMA is on) or, for LoRA, as
+`pytorch_lora_weights.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .. import lora
+from ..loading import config_from_dict, load_model, read_json, resolve
+from ..models.text_encoder import TextEncoder
+from ..models.uvit import UViT, UViTConfig
+from ..models.vqgan import VQGAN, VQGANConfig
+from . import checkpoint as ckpt
+from .data import EpochSampler, PreencodedDataset, make_dataset
+from .ema import EMA
+from .masking import drop_text, mask_tokens, masked_loss
+from .optim import FusedStepOptimizer, adamw_factory, make_lr_scheduler
+
+UVIT_PRESETS = {  # the published architectures; text/VQ widths are adapted to the given components
+    "amused-256": lambda: UViTConfig(sample_size=16),
+    "amused-512": lambda: UViTConfig(sample_size=32, downsample=True, upsample=True),
+    "small": lambda: UViTConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408,
+                                in_channels=256, block_out_channels=256, block_num_heads=4, num_res_blocks=1),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class Components:
+    transformer: UViT
+    vqvae: VQGAN | None
+    tokenizer: object
+    text_encoder: torch.nn.Module | None  # the transformers model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_text(root: Path | None, text_encoder_path: str | None):
+    """(tokenizer, text model) from a pipeline folder's tokenizer/ + text_encoder/, or a transformers folder."""
+    import transformers
+
+    if text_encoder_path:
+        model = transformers.AutoModel.from_pretrained(text_encoder_path, use_safetensors=True)
+        return transformers.AutoTokenizer.from_pretrained(text_encoder_path), model.eval()
+    from ..pipeline import load_text_components
+
+    return load_text_components(root, None, None)
+
+
+def transformer_config(spec: str, vq: VQGANConfig, text: TextEncoder, resolution: int) -> UViTConfig:
+    """A preset name (adapted to the VQGAN and text encoder) or a config.json path (checked against them)."""
+    grid = resolution // vq.scale_factor
+    if spec in UVIT_PRESETS:
+        cfg = UVIT_PRESETS[spec]()
+        vocab = cfg.vocab_size if cfg.codebook_size == vq.num_vq_embeddings else vq.num_vq_embeddings + 1
+        return dataclasses.replace(cfg, codebook_size=vq.num_vq_embeddings, vocab_size=vocab,
+                                   encoder_hidden_size=text.hidden_size, cond_embed_dim=text.pooled_size,
+                                   sample_size=grid)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--transformer_config {spec!r} is neither a preset ({', '.join(UVIT_PRESETS)}) nor a file")
+    cfg = config_from_dict(UViTConfig, read_json(path), path)
+    for name, want in (("codebook_size", vq.num_vq_embeddings), ("encoder_hidden_size", text.hidden_size),
+                       ("cond_embed_dim", text.pooled_size)):
+        if getattr(cfg, name) != want:
+            raise ValueError(f"{path}: {name} is {getattr(cfg, name)} but the VQGAN / text encoder need {want}")
+    return cfg
+
+
+def build_components(args, mode: str) -> Components:
+    """finetune: every component from the pipeline folder; train: a new U-ViT with a given VQGAN + text encoder."""
+    root = resolve(args.pretrained_model_name_or_path) if args.pretrained_model_name_or_path else None
+    if mode == "finetune":
+        if root is None:
+            raise ValueError("amused finetune needs --pretrained_model_name_or_path (a pipeline folder or hub id)")
+        from ..pipeline import AmusedPipeline
+
+        pipe = AmusedPipeline.from_pretrained(root, variant=args.variant)
+        return Components(pipe.transformer, pipe.vqvae, pipe.tokenizer, pipe.text_encoder)
+    vq_path, text_path = getattr(args, "vqvae_path", None), getattr(args, "text_encoder_path", None)
+    vq_folder = Path(vq_path) if vq_path else (root / "vqvae" if root else None)
+    if vq_folder is None or (root is None and not text_path):
+        raise ValueError("amused train needs --pretrained_model_name_or_path (a pipeline folder giving vqvae/, "
+                         "text_encoder/ and tokenizer/), or --vqvae_path and --text_encoder_path")
+    vqvae = load_model(VQGAN, VQGANConfig, vq_folder)
+    tokenizer, text_encoder = load_text(root, text_path)
+    cfg = transformer_config(args.transformer_config, vqvae.config, TextEncoder(text_encoder, tokenizer),
+                             args.resolution)
+    torch.manual_seed(args.seed or 0)
+    return Components(UViT(cfg), vqvae, tokenizer, text_encoder)
+
+
+def check_args(args, accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    if args.fused_optimizer_step:
+        if accelerator.num_processes > 1:
+            raise ValueError("--fused_optimizer_step steps each parameter inside backward, before DDP/FSDP has "
+                             "reduced its gradient: use it on a single process")
+        if args.max_grad_norm:
+            raise ValueError("--max_grad_norm needs every gradient at once; --fused_optimizer_step frees them as it "
+                             "goes. Drop one of the two")
+        if args.mixed_precision == "fp16":
+            raise ValueError("--fused_optimizer_step cannot unscale fp16 gradients; use --mixed_precision bf16")
+    if args.weights_dtype != "fp32" and args.mixed_precision == "fp16":
+        raise ValueError("--weights_dtype bf16 trains in bf16 already; drop --mixed_precision fp16")
+    if args.use_ema and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("--use_ema is not supported with FSDP (the averaged weights would be sharded)")
+    if args.preencoded_data_dir and args.text_encoder_use_lora:
+        raise ValueError("--text_encoder_use_lora needs the text encoder in the step; it cannot train on "
+                         "--preencoded_data_dir embeddings")
+    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("--report_to tensorboard needs the tensorboard package (pip install tensorboard); without "
+                          "it, metrics still go to <output_dir>/logs/train_log.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_loader(dataset, args, epoch: int, start_batch: int, rank: int, world: int) -> DataLoader:
+    common = dict(batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers, drop_last=True,
+                  generator=torch.Generator(), pin_memory=torch.cuda.is_available())  # no global-RNG draws
+    if isinstance(dataset, IterableDataset):
+        dataset.set_position(epoch, start_batch)
+        return DataLoader(dataset, **common)
+    sampler = EpochSampler(len(dataset), args.train_batch_size, epoch, args.seed or 0, True, rank, world, start_batch)
+    return DataLoader(dataset, sampler=sampler, **common)
+
+
+def run(args, mode: str) -> Path:
+    """Train or fine-tune as the parsed arguments say; returns the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out = Path(args.output_dir)
+    accelerator = Accelerator(mixed_precision=None if args.mixed_precision in (None, "no") else args.mixed_precision,
+                              log_with=args.report_to if args.report_to in ("tensorboard",) else None,
+                              project_dir=str(out))
+    check_args(args, accelerator)
+    device, main = accelerator.device, accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(out)
+    set_seed(args.seed or 0, device_specific=True)  # different masks per rank
+    comps = build_components(args, mode)
+    model = comps.transformer.to(dtype=DTYPES[args.weights_dtype])
+    model.gradient_checkpointing = args.gradient_checkpointing
+    lora_configs = {}
+    if args.use_lora:
+        targets = list(args.lora_target_modules or lora.TRANSFORMER_TARGETS)
+        lora_configs["transformer"] = lora.add_lora(model, args.lora_r, args.lora_alpha, targets)
+    text_trainable = bool(args.text_encoder_use_lora)
+    if text_trainable:
+        targets = args.text_encoder_lora_target_modules or lora.text_encoder_targets(comps.text_encoder)
+        lora_configs["text_encoder"] = lora.add_lora(comps.text_encoder, args.text_encoder_lora_r,
+                                                     args.text_encoder_lora_alpha, list(targets))
+    model.train()
+
+    dataset = make_dataset(args, accelerator.process_index, accelerator.num_processes)
+    preencoded = isinstance(dataset, PreencodedDataset)
+    frozen_dtype = torch.bfloat16 if "bf16" in (args.mixed_precision, args.weights_dtype) else (
+        torch.float16 if args.mixed_precision == "fp16" else torch.float32)
+    if preencoded:  # the VQGAN and the text encoder never touch the GPU
+        cond = Conditioner(None, None, [t.to(device) for t in dataset.empty_prompt()], False,
+                           args.cond_dropout_prob, device)
+    else:
+        vq = comps.vqvae.eval().requires_grad_(False)
+        if frozen_dtype == torch.bfloat16:  # fp16 VQ encoding can overflow; bf16 has fp32's range
+            vq.to(torch.bfloat16)
+        for part in (vq.encoder, vq.quant_conv, vq.quantize):  # the decoder stays on the CPU
+            part.to(device)
+        te = comps.text_encoder.to(device, frozen_dtype if not text_trainable else torch.float32)
+        te.train() if text_trainable else te.requires_grad_(False)
+        prompt_encoder = TextEncoder(te, comps.tokenizer)
+        with torch.no_grad():
+            empty = list(prompt_encoder([""]))
+        cond = Conditioner(vq, prompt_encoder, empty, text_trainable, args.cond_dropout_prob, device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if text_trainable:
+        params += [p for p in comps.text_encoder.parameters() if p.requires_grad]
+    make_opt = adamw_factory(args.use_8bit_adam, device, args.learning_rate, (args.adam_beta1, args.adam_beta2),
+                             args.adam_weight_decay, args.adam_epsilon)
+    model.to(device)
+    if args.fused_optimizer_step:
+        optimizer = FusedStepOptimizer(params, make_opt, stochastic_rounding=args.weights_dtype == "bf16")
+        model = accelerator.prepare(model)
+    else:
+        optimizer = make_opt(params)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if text_trainable:
+        cond.text.model = accelerator.prepare(cond.text.model)
+    scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA([(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad], args.ema_decay,
+              args.ema_update_after_step) if args.use_ema else None
+    accelerator.register_for_checkpointing(scheduler, *([optimizer] if args.fused_optimizer_step else []),
+                                           *([ema] if ema else []))
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    resume = ckpt.resolve_resume(out, args.resume_from_checkpoint)
+    if resume is not None:
+        state.update(ckpt.load_checkpoint(accelerator, resume))
+        accelerator.print(f"resumed from {resume} at step {state['step']}")
+    if main:
+        (out / "logs").mkdir(exist_ok=True)
+        if args.report_to == "tensorboard":
+            accelerator.init_trackers("amused", config={k: v for k, v in vars(args).items()
+                                                        if isinstance(v, (int, float, str, bool))})
+
+    ga = args.gradient_accumulation_steps
+    mask_id = unwrapped.config.mask_token_id
+    bar = tqdm(total=args.max_train_steps, initial=state["step"], disable=not main, desc=mode)
+    sums = torch.zeros(3, device=device)  # loss, accuracy, micro-batches since the last log
+    micro = 0
+    while state["step"] < args.max_train_steps:
+        loader = make_loader(dataset, args, state["epoch"], state["batch_in_epoch"], accelerator.process_index,
+                             accelerator.num_processes)
+        seen = 0
+        for batch in loader:
+            seen += 1
+            sync = (micro + 1) % ga == 0
+            if args.fused_optimizer_step:
+                optimizer.sync = sync
+            with (accelerator.no_sync(model) if not sync else nullcontext()):
+                loss, acc = step_loss(batch, model, cond, mask_id, args)
+                accelerator.backward(loss / ga)
+            sums += torch.stack([loss.detach().float(), acc.float(), torch.ones((), device=device)])
+            micro += 1
+            state["batch_in_epoch"] += 1
+            if not sync:
+                continue
+            if args.max_grad_norm and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % args.logging_steps == 0 or state["step"] == args.max_train_steps:
+                log(accelerator, out, state["step"], sums, scheduler.get_last_lr()[0], bar)
+                sums.zero_()
+            if args.checkpointing_steps and state["step"] % args.checkpointing_steps == 0:
+                ckpt.save_checkpoint(accelerator, out, state["step"], {**state, "seed": args.seed},
+                                     args.checkpoints_total_limit)
+            if args.validation_prompts and args.validation_steps and state["step"] % args.validation_steps == 0:
+                validate(args, accelerator, comps, model, out, state["step"])
+            if args.debug_sleep_per_step:  # lets tests kill a run mid-way
+                time.sleep(args.debug_sleep_per_step)
+            if state["step"] >= args.max_train_steps:
+                break
+        else:
+            if seen == 0 and state["batch_in_epoch"] == 0:
+                raise ValueError("the dataset gives no full batch: lower --train_batch_size")
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    bar.close()
+    save_final(args, accelerator, comps, model, ema, lora_configs, out, mode)
+    accelerator.end_training()
+    return out
+
+
+class Conditioner:
+    """Batch -> (token ids, text states, pooled text, micro-conditioning), with text dropout applied.
+
+    From images + captions through the VQGAN encoder and the text encoder, or from pre-encoded shards.
+    """
+
+    def __init__(self, vq: VQGAN | None, text: TextEncoder | None, empty: list[torch.Tensor], text_trainable: bool,
+                 dropout: float, device: torch.device):
+        self.vq, self.text, self.empty, self.text_trainable = vq, text, empty, text_trainable
+        self.dropout, self.device = dropout, device
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        micro = batch["micro_conds"].to(self.device)
+        empty_hidden, empty_pooled = self.empty
+        if self.text is None:  # pre-encoded
+            ids = batch["ids"].to(self.device)
+            hidden, pooled = batch["hidden"].to(self.device), batch["pooled"].to(self.device)
+        else:
+            with torch.no_grad():
+                ids = self.vq.encode(batch["pixels"].to(self.device))  # (B, h, w)
+            prompts = list(batch["caption"])
+            if self.text_trainable:  # the empty prompt's embedding moves as the encoder trains: encode it too
+                hidden, pooled = self.text(prompts + [""])
+                empty_hidden, empty_pooled = hidden[-1:], pooled[-1:]
+                hidden, pooled = hidden[:-1], pooled[:-1]
+            else:
+                with torch.no_grad():
+                    hidden, pooled = self.text(prompts)
+        hidden, pooled, _ = drop_text(hidden, pooled, empty_hidden, empty_pooled, self.dropout)
+        return ids, hidden, pooled, micro
+
+
+def step_loss(batch: dict, model, cond: Conditioner, mask_id: int, args):
+    """Masked-token loss and accuracy of one micro-batch."""
+    ids, hidden, pooled, micro = cond(batch)
+    dtype = DTYPES[args.weights_dtype]
+    masked = mask_tokens(ids, mask_id, args.min_masking_rate)
+    logits = model(masked.input_ids, hidden.to(dtype), pooled.to(dtype), micro.to(dtype))  # (B, V, h, w)
+    return masked_loss(logits, ids, masked.mask, args.label_smoothing)
+
+
+def log(accelerator, out: Path, step: int, sums: torch.Tensor, lr: float, bar) -> None:
+    """Reduce the running sums over processes; progress bar, logs/train_log.jsonl and trackers."""
+    totals = accelerator.reduce(sums.clone(), reduction="sum")
+    n = max(float(totals[2]), 1.0)
+    metrics = {"loss": float(totals[0]) / n, "masked_accuracy": float(totals[1]) / n, "lr": lr}
+    if accelerator.is_main_process:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['masked_accuracy']:.3f}")
+        with open(out / "logs" / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+    accelerator.log(metrics, step=step)
+
+
+@torch.no_grad()
+def validate(args, accelerator, comps: Components, model, out: Path, step: int) -> None:
+    """Images for --validation_prompts into <output_dir>/validation/step-N/ (main process only)."""
+    if not accelerator.is_main_process:
+        return
+    from ..pipeline import AmusedPipeline, SchedulerConfig
+
+    transformer = accelerator.unwrap_model(model)
+    places = {m: next(m.parameters()).device for m in (comps.vqvae.decoder, comps.vqvae.post_quant_conv,
+                                                       comps.vqvae.encoder, comps.text_encoder)}
+    for m in places:
+        m.to(accelerator.device)
+    transformer.eval()
+    try:
+        pipe = AmusedPipeline(comps.vqvae, comps.tokenizer, comps.text_encoder, transformer,
+                              SchedulerConfig(mask_token_id=transformer.config.mask_token_id))
+        folder = out / "validation" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed or 0)
+        for i, prompt in enumerate(args.validation_prompts):
+            pipe(prompt, generator=generator).images[0].save(folder / f"{i:02d}.png")
+    finally:
+        transformer.train()
+        for m, place in places.items():
+            m.to(place)
+
+
+def save_final(args, accelerator, comps: Components, model, ema: EMA | None, lora_configs: dict, out: Path,
+               mode: str) -> None:
+    """The trained transformer in the published layout (frozen parts re-read from disk, untouched), or the
+    LoRA file; EMA weights when EMA is on."""
+    from accelerate.utils import DistributedType
+
+    accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    if not accelerator.is_main_process:
+        return
+    transformer = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to()
+    if full_state is not None:
+        transformer = UViT(transformer.config)
+        transformer.load_state_dict(full_state)
+    if lora_configs:
+        path = lora.save_lora_weights(out, transformer if args.use_lora else None,
+                                      comps.text_encoder if "text_encoder" in lora_configs else None, lora_configs)
+        accelerator.print(f"LoRA weights saved to {path}")
+    if not args.use_lora:
+        from ..pipeline import AmusedPipeline, SchedulerConfig
+
+        root = resolve(args.pretrained_model_name_or_path) if args.pretrained_model_name_or_path else None
+        vq_folder = Path(args.vqvae_path) if getattr(args, "vqvae_path", None) else root / "vqvae"
+        tokenizer, text_encoder = load_text(root, getattr(args, "text_encoder_path", None))
+        pipe = AmusedPipeline(load_model(VQGAN, VQGANConfig, vq_folder), tokenizer, text_encoder, transformer,
+                              SchedulerConfig(mask_token_id=transformer.config.mask_token_id))
+        pipe.save_pretrained(out)
+        accelerator.print(f"pipeline saved to {out} (load it with AmusedPipeline.from_pretrained)")
