@@ -166,8 +166,12 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
                 total = steps * f["uvit_forward"] + f["vq_decode"] + f["text_encode"]
                 row["floor_ms"] = total / (tflops * 1e12) * 1000
             if dev.type == "cuda":
-                row["breakdown_ms"] = _breakdown(pipe, prompts, steps, dev)
+                try:
+                    row["breakdown_ms"] = _breakdown(pipe, prompts, steps, dev)
+                except Exception as e:
+                    row["breakdown_ms"] = {"error": f"{type(e).__name__}: {e}"}
             rows.append(row)
+            print(json.dumps(row), flush=True)
         info = {"plain_vs_graph_tokens_equal": plain_check}
         rows.append({"model": preset, "checks": info})
         del pipe, ref
@@ -236,7 +240,8 @@ def print_table(rows, meta) -> None:
               f"{ref if ref is None else round(ref, 1)!s:>9} {r.get('speedup', float('nan')):>9.1f} "
               f"{r.get('floor_ms', float('nan')):>9.1f} {r['ours']['peak_gib'] or float('nan'):>9.2f}")
         if "breakdown_ms" in r:
-            print(f"{'':<12} breakdown ms: " + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown_ms"].items()))
+            print(f"{'':<12} breakdown ms: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in r["breakdown_ms"].items()))
 
 
 def add_command(subparsers) -> None:

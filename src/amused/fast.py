@@ -115,13 +115,13 @@ class FastDecoder:
         if entry is None:
             entry = self.text_graphs[key] = self._capture_text(encoder, ids.to(self.pipe.device),
                                                                mask.to(self.pipe.device))
-        entry.ids.copy_(ids, non_blocking=True)
-        entry.mask.copy_(mask, non_blocking=True)
-        if entry.graph is None:
-            with torch.inference_mode():
+        with torch.inference_mode():  # the static buffers are inference tensors
+            entry.ids.copy_(ids, non_blocking=True)
+            entry.mask.copy_(mask, non_blocking=True)
+            if entry.graph is None:
                 return encoder.encode_ids(entry.ids, entry.mask)
-        entry.graph.replay()
-        return entry.hidden.clone(), entry.pooled.clone()
+            entry.graph.replay()
+            return entry.hidden.clone(), entry.pooled.clone()
 
     def _capture_text(self, encoder, ids, mask) -> _TextGraph:
         try:
@@ -151,11 +151,12 @@ class FastDecoder:
         if entry is None:
             entry = self.graphs[key] = self._capture(inputs, guidance_scale, start.start_step, num_steps, schedule,
                                                      temperature)
-        for name, value in inputs.items():
-            entry.inputs[name].copy_(value, non_blocking=True)
-        if generator is not None:
-            self.generator.manual_seed(generator.initial_seed())
-        entry.graph.replay()
+        with torch.inference_mode():
+            for name, value in inputs.items():
+                entry.inputs[name].copy_(value, non_blocking=True)
+            if generator is not None:
+                self.generator.manual_seed(generator.initial_seed())
+            entry.graph.replay()
         return entry.tokens, entry.images
 
     def _program(self, bufs: dict[str, torch.Tensor], guidance_scale, start_step, num_steps, schedule, temperature):

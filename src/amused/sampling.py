@@ -43,8 +43,9 @@ def mask_ratios(num_steps: int, schedule: Schedule = "cosine", device=None) -> t
         ratios = 1 - progress
     else:
         raise ValueError(f"masking_schedule must be 'cosine' or 'linear', got {schedule!r}")
-    ratios[-1] = 0.0  # cos(pi/2) is 6e-17 in float32 arithmetic; the last step commits every token
-    return ratios
+    # cos(pi/2) is 6e-17 in float32 arithmetic; the last step commits every token. (torch.where, not an index
+    # assignment: that copies a host scalar, a sync on CUDA.)
+    return torch.where(progress >= 1, 0.0, ratios)
 
 
 def start_mask_ratio(num_steps: int, start_step: int, schedule: Schedule = "cosine") -> float:

@@ -53,6 +53,8 @@ class VQGANConfig:
                 raise ValueError(f"VQGAN block_out_channels {self.block_out_channels} must be multiples of "
                                  f"norm_num_groups {self.norm_num_groups}")
         n = len(self.block_out_channels)
+        self.down_block_types = list(self.down_block_types or ["DownEncoderBlock2D"] * n)
+        self.up_block_types = list(self.up_block_types or ["UpDecoderBlock2D"] * n)
         for name in ("down_block_types", "up_block_types"):
             types = getattr(self, name)
             if types is not None and len(types) != n:

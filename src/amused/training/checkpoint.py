@@ -123,3 +123,12 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict:
     path = Path(path)
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def truncate_log(path: str | Path, step: int) -> None:
+    """Drop JSON-lines records past `step` (written by the killed run after its last checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))

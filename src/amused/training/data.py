@@ -6,9 +6,7 @@ Sources, each a sequence (or stream) of `{"image": PIL.Image, "caption": str}`:
                   one prompt for every image (`--instance_prompt`) or each file's stem, as diffusers'
                   train_amused.py does. Read in plain Python: no pyarrow, images decoded lazily per item.
     Records       any indexable of dicts, e.g. a `datasets.Dataset` (an image column and a caption column).
-    TarShards     webdataset-style tar shards (`key.jpg` + `key.txt` / `key.json` per sample), streamed with
-                  the standard library's `tarfile`: no extra dependency, and the position in the stream is ours
-                  to skip to on resume.
+    TarShardStream  webdataset-style tar shards (shards.py).
 `PreencodedDataset` reads the shards `amused preencode` writes (VQ token ids + text embeddings).
 
 Preprocessing is the reference's (diffusers' train_amused.py): resize the shorter side to `resolution`
@@ -23,12 +21,9 @@ of an epoch from (seed, epoch), so a resumed run sees exactly the batches an uni
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import random
-import re
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -209,59 +204,6 @@ class Records:
         return {"image": image, "caption": str(record[self.caption_column])}
 
 
-def expand_shards(spec: str) -> list[str]:
-    """"data/{000..009}.tar", globs and comma-separated lists -> sorted shard paths."""
-    paths: list[str] = []
-    for part in spec.split(","):
-        match = re.search(r"\{(\d+)\.\.(\d+)\}", part)
-        if match:
-            lo, hi, width = int(match[1]), int(match[2]), len(match[1])
-            names = [part[:match.start()] + str(i).zfill(width) + part[match.end():] for i in range(lo, hi + 1)]
-        else:
-            names = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-        paths.extend(names)
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing or not paths:
-        raise ValueError(f"tar shards {spec!r}: missing {missing[:3] or 'all'}")
-    return paths
-
-
-def iter_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one webdataset tar: members grouped by key (path up to the basename's first dot)."""
-    current: dict[str, bytes] = {}
-    key = None
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot or stem.startswith("."):
-                continue
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key and current:
-                yield {"__key__": key, **current}
-                current = {}
-            key = member_key
-            current[ext.lower()] = tar.extractfile(member).read()
-    if current:
-        yield {"__key__": key, **current}
-
-
-def decode_tar_sample(sample: dict[str, Any], source: str) -> dict[str, Any]:
-    image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-    if image_ext is None:
-        raise ValueError(f"{source}: sample {sample['__key__']} has no jpg/png/webp member")
-    if "txt" in sample or "caption" in sample:
-        caption = sample.get("txt", sample.get("caption")).decode("utf-8")
-    elif "json" in sample:
-        meta = json.loads(sample["json"])
-        caption = meta.get("text", meta.get("caption", ""))
-    else:
-        raise ValueError(f"{source}: sample {sample['__key__']} has no txt/caption/json member")
-    return {"image": PIL.Image.open(io.BytesIO(sample[image_ext])), "caption": caption.strip()}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training datasets: source + preprocessing + ordering
 # ----------------------------------------------------------------------------------------------------------
@@ -314,45 +256,6 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch() - self.start_batch) * self.batch_size
-
-
-class TarShardStream(torch.utils.data.IterableDataset):
-    """Streams tar shards: shards shuffled per epoch, split across ranks then DataLoader workers.
-
-    `set_position(epoch, start_batch)` must be called before each epoch's iterator is made. On resume, worker
-    w takes over the stream of the worker that would have produced the resumed run's w-th batch, so the
-    batch order is the uninterrupted one's (exactly, while every worker still has data).
-    """
-
-    def __init__(self, shards: list[str], resolution: int, batch_size: int, center_crop: bool = False,
-                 random_flip: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
-                 prompt_prefix: str | None = None):
-        self.shards, self.resolution, self.batch_size, self.seed = shards, resolution, batch_size, seed
-        self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
-        self.prompt_prefix = prompt_prefix
-        self.epoch, self.start_batch = 0, 0
-
-    def set_position(self, epoch: int, start_batch: int) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        order = random.Random(f"{self.seed}/shards/{self.epoch}").sample(self.shards, len(self.shards))
-        role = (self.start_batch + worker) % workers  # the original worker whose stream this one continues
-        skip = (self.start_batch + worker) // workers * self.batch_size
-        mine = order[self.rank::self.world][role::workers]
-        index = 0
-        for shard in mine:
-            for sample in iter_tar(shard):
-                index += 1
-                if index <= skip:
-                    continue  # skipped without decoding the image
-                item = decode_tar_sample(sample, shard)
-                rng = sample_rng(self.seed, self.epoch, f"{Path(shard).name}/{sample['__key__']}")
-                out = preprocess(item["image"], self.resolution, rng, self.center_crop, self.random_flip)
-                out["caption"] = (self.prompt_prefix or "") + item["caption"]
-                yield out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,6 +357,8 @@ def make_dataset(args, rank: int = 0, world: int = 1, dataset=None):
     common = dict(resolution=args.resolution, center_crop=bool(get("center_crop")),
                   random_flip=bool(get("random_flip")), seed=get("seed") or 0, prompt_prefix=get("prompt_prefix"))
     if get("train_shards"):
+        from .shards import TarShardStream, expand_shards
+
         return TarShardStream(expand_shards(args.train_shards), batch_size=args.train_batch_size, rank=rank,
                               world=world, **common)
     if folder:

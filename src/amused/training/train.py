@@ -130,9 +130,6 @@ def check_args(args, accelerator) -> None:
     if args.preencoded_data_dir and args.text_encoder_use_lora:
         raise ValueError("--text_encoder_use_lora needs the text encoder in the step; it cannot train on "
                          "--preencoded_data_dir embeddings")
-    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ImportError("--report_to tensorboard needs the tensorboard package (pip install tensorboard); without "
-                          "it, metrics still go to <output_dir>/logs/train_log.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,6 +154,9 @@ def run(args, mode: str) -> Path:
     from tqdm.auto import tqdm
 
     out = Path(args.output_dir)
+    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("--report_to tensorboard needs the tensorboard package (pip install tensorboard); without "
+                          "it, metrics still go to <output_dir>/logs/train_log.jsonl")
     accelerator = Accelerator(mixed_precision=None if args.mixed_precision in (None, "no") else args.mixed_precision,
                               log_with=args.report_to if args.report_to in ("tensorboard",) else None,
                               project_dir=str(out))
@@ -225,6 +225,9 @@ def run(args, mode: str) -> Path:
     if resume is not None:
         state.update(ckpt.load_checkpoint(accelerator, resume))
         accelerator.print(f"resumed from {resume} at step {state['step']}")
+        if main:
+            for log_file in (out / "logs").glob("*.jsonl"):
+                ckpt.truncate_log(log_file, state["step"])
     if main:
         (out / "logs").mkdir(exist_ok=True)
         if args.report_to == "tensorboard":
@@ -236,6 +239,7 @@ def run(args, mode: str) -> Path:
     bar = tqdm(total=args.max_train_steps, initial=state["step"], disable=not main, desc=mode)
     sums = torch.zeros(3, device=device)  # loss, accuracy, micro-batches since the last log
     micro = 0
+    clock = (time.perf_counter(), state["step"])  # for images/s between logs
     while state["step"] < args.max_train_steps:
         loader = make_loader(dataset, args, state["epoch"], state["batch_in_epoch"], accelerator.process_index,
                              accelerator.num_processes)
@@ -263,8 +267,11 @@ def run(args, mode: str) -> Path:
             state["step"] += 1
             bar.update(1)
             if state["step"] % args.logging_steps == 0 or state["step"] == args.max_train_steps:
-                log(accelerator, out, state["step"], sums, scheduler.get_last_lr()[0], bar)
+                images = (state["step"] - clock[1]) * args.train_batch_size * ga * accelerator.num_processes
+                log(accelerator, out, state["step"], sums, scheduler.get_last_lr()[0], bar,
+                    images / (time.perf_counter() - clock[0]))
                 sums.zero_()
+                clock = (time.perf_counter(), state["step"])
             if args.checkpointing_steps and state["step"] % args.checkpointing_steps == 0:
                 ckpt.save_checkpoint(accelerator, out, state["step"], {**state, "seed": args.seed},
                                      args.checkpoints_total_limit)
@@ -326,11 +333,12 @@ def step_loss(batch: dict, model, cond: Conditioner, mask_id: int, args):
     return masked_loss(logits, ids, masked.mask, args.label_smoothing)
 
 
-def log(accelerator, out: Path, step: int, sums: torch.Tensor, lr: float, bar) -> None:
+def log(accelerator, out: Path, step: int, sums: torch.Tensor, lr: float, bar, images_per_s: float) -> None:
     """Reduce the running sums over processes; progress bar, logs/train_log.jsonl and trackers."""
     totals = accelerator.reduce(sums.clone(), reduction="sum")
     n = max(float(totals[2]), 1.0)
-    metrics = {"loss": float(totals[0]) / n, "masked_accuracy": float(totals[1]) / n, "lr": lr}
+    metrics = {"loss": float(totals[0]) / n, "masked_accuracy": float(totals[1]) / n, "lr": lr,
+               "images_per_s": images_per_s}
     if accelerator.is_main_process:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['masked_accuracy']:.3f}")
         with open(out / "logs" / "train_log.jsonl", "a") as f:

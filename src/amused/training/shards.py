@@ -1,0 +1,116 @@
+"""Webdataset-style tar shards, streamed with the standard library's `tarfile`.
+
+A shard is a plain tar in which the files of one sample share a key (the path up to the basename's first dot):
+`000123.jpg` + `000123.txt` (or `.caption`, or `.json` with a "text" field). Reading them with `tarfile`
+needs no extra dependency, and the position in the stream is ours, so a resumed run skips exactly the samples
+it has seen (without decoding their images). Shards are shuffled per epoch (seeded), split across ranks, then
+across DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import random
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import PIL.Image
+import torch
+
+from .data import preprocess, sample_rng
+
+
+def expand_shards(spec: str) -> list[str]:
+    """"data/{000..009}.tar", globs and comma-separated lists -> sorted shard paths."""
+    paths: list[str] = []
+    for part in spec.split(","):
+        match = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if match:
+            lo, hi, width = int(match[1]), int(match[2]), len(match[1])
+            names = [part[:match.start()] + str(i).zfill(width) + part[match.end():] for i in range(lo, hi + 1)]
+        else:
+            names = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        paths.extend(names)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing or not paths:
+        raise ValueError(f"tar shards {spec!r}: missing {missing[:3] or 'all'}")
+    return paths
+
+
+def iter_tar(path: str) -> Iterator[dict[str, Any]]:
+    """Samples of one webdataset tar: members grouped by key (path up to the basename's first dot)."""
+    current: dict[str, bytes] = {}
+    key = None
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot or stem.startswith("."):
+                continue
+            member_key = f"{folder}/{stem}" if folder else stem
+            if member_key != key and current:
+                yield {"__key__": key, **current}
+                current = {}
+            key = member_key
+            current[ext.lower()] = tar.extractfile(member).read()
+    if current:
+        yield {"__key__": key, **current}
+
+
+def decode_tar_sample(sample: dict[str, Any], source: str) -> dict[str, Any]:
+    image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+    if image_ext is None:
+        raise ValueError(f"{source}: sample {sample['__key__']} has no jpg/png/webp member")
+    if "txt" in sample or "caption" in sample:
+        caption = sample.get("txt", sample.get("caption")).decode("utf-8")
+    elif "json" in sample:
+        meta = json.loads(sample["json"])
+        caption = meta.get("text", meta.get("caption", ""))
+    else:
+        raise ValueError(f"{source}: sample {sample['__key__']} has no txt/caption/json member")
+    return {"image": PIL.Image.open(io.BytesIO(sample[image_ext])), "caption": caption.strip()}
+
+
+class TarShardStream(torch.utils.data.IterableDataset):
+    """Streams tar shards: shards shuffled per epoch, split across ranks then DataLoader workers.
+
+    `set_position(epoch, start_batch)` must be called before each epoch's iterator is made. On resume, worker
+    w takes over the stream of the worker that would have produced the resumed run's w-th batch, so the
+    batch order is the uninterrupted one's (exactly, while every worker still has data).
+    """
+
+    def __init__(self, shards: list[str], resolution: int, batch_size: int, center_crop: bool = False,
+                 random_flip: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
+                 prompt_prefix: str | None = None):
+        self.shards, self.resolution, self.batch_size, self.seed = shards, resolution, batch_size, seed
+        self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
+        self.prompt_prefix = prompt_prefix
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        order = random.Random(f"{self.seed}/shards/{self.epoch}").sample(self.shards, len(self.shards))
+        role = (self.start_batch + worker) % workers  # the original worker whose stream this one continues
+        skip = (self.start_batch + worker) // workers * self.batch_size
+        mine = order[self.rank::self.world][role::workers]
+        index = 0
+        for shard in mine:
+            for sample in iter_tar(shard):
+                index += 1
+                if index <= skip:
+                    continue  # skipped without decoding the image
+                item = decode_tar_sample(sample, shard)
+                rng = sample_rng(self.seed, self.epoch, f"{Path(shard).name}/{sample['__key__']}")
+                out = preprocess(item["image"], self.resolution, rng, self.center_crop, self.random_flip)
+                out["caption"] = (self.prompt_prefix or "") + item["caption"]
+                yield out

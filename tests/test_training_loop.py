@@ -1,0 +1,164 @@
+"""The training loop: a tiny model overfits, a SIGKILLed run resumes to the same weights, checkpoints appear
+atomically and only the last N stay, LoRA and from-scratch runs save what the pipeline loads."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amused import lora
+from amused.pipeline import AmusedPipeline
+from amused.training import checkpoint as ckpt
+from amused.training.cli import main
+from train_tiny import TRAIN_UVIT, make_image_folder, make_pipeline
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    return make_pipeline(root / "pipe"), make_image_folder(root / "imgs", n=4, size=8)
+
+
+def finetune_args(pipe, images, out, steps, *extra):
+    return ["finetune", "--pretrained_model_name_or_path", str(pipe), "--train_data_dir", str(images),
+            "--resolution", "8", "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "3e-3",
+            "--logging_steps", "1", "--output_dir", str(out), *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "logs" / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_tiny_model_overfits_captioned_images(setup, tmp_path):
+    pipe, images = setup
+    main(finetune_args(pipe, images, tmp_path / "run", 80, "--train_batch_size", "4", "--checkpointing_steps", "0"))
+    log = read_log(tmp_path / "run")
+    first, last = log[:5], log[-5:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(first, "loss") > 2.3 and mean(last, "loss") < 1.3  # log(16) = 2.77 -> near the smoothing floor
+    assert mean(first, "masked_accuracy") < 0.3 and mean(last, "masked_accuracy") > 0.8
+    loaded = AmusedPipeline.from_pretrained(tmp_path / "run")  # the published layout, loadable
+    assert loaded("red pattern 0", num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+RESUME_FLAGS = ["--checkpointing_steps", "4", "--checkpoints_total_limit", "2", "--cond_dropout_prob", "0.3",
+                "--use_ema", "--ema_decay", "0.9", "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps",
+                "3", "--gradient_accumulation_steps", "2"]
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(setup, tmp_path):
+    pipe, images = setup
+    main(finetune_args(pipe, images, tmp_path / "straight", 20, *RESUME_FLAGS))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "amused.training.cli",
+           *finetune_args(pipe, images, out, 20, *RESUME_FLAGS, "--debug_sleep_per_step", "0.25")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint-8").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+            time.sleep(0.02)
+        time.sleep(0.3)  # somewhere past the checkpoint
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model_index.json").exists()
+    for folder in ckpt.list_checkpoints(out):  # whatever survived the kill is complete
+        assert {"training_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {
+            p.name for p in folder.iterdir()}
+    main(finetune_args(pipe, images, out, 20, *RESUME_FLAGS, "--resume_from_checkpoint", "latest"))
+    a, b = weights(tmp_path / "straight"), weights(out)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["step"] for r in read_log(out)] == list(range(1, 21))  # the killed run's extra lines were dropped
+    assert read_log(out) == read_log(tmp_path / "straight")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-16", "checkpoint-20"]  # keep-last-2
+
+
+def test_checkpoint_directory_appears_atomically(setup, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    pipe, images = setup
+    real = Accelerator.save_state
+
+    def dies_half_way(self, output_dir=None, **kwargs):
+        Path(output_dir, "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_half_way)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        main(finetune_args(pipe, images, out, 6, "--checkpointing_steps", "3"))
+    assert ckpt.list_checkpoints(out) == [] and not (out / "checkpoint-3").exists()
+    assert (out / ".tmp-checkpoint-3").is_dir()  # the partial write is only ever under a temporary name
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    assert ckpt.resolve_resume(out, "latest") is None
+    main(finetune_args(pipe, images, out, 6, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert not (out / ".tmp-checkpoint-3").exists()  # cleaned at start
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_keep_last_n(tmp_path):
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    ckpt.prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        ckpt.resolve_resume(tmp_path, "checkpoint-6")  # no training_state.json: incomplete
+
+
+def test_lora_finetune_with_text_encoder_saves_a_loadable_file(setup, tmp_path):
+    pipe, images = setup
+    out = tmp_path / "lora"
+    main(finetune_args(pipe, images, out, 40, "--use_lora", "--lora_r", "4", "--lora_alpha", "4",
+                       "--text_encoder_use_lora", "--text_encoder_lora_r", "2", "--learning_rate", "1e-2",
+                       "--checkpointing_steps", "0", "--train_batch_size", "4"))
+    log = read_log(out)
+    assert log[-1]["loss"] < log[0]["loss"]
+    state = load_file(str(out / lora.LORA_FILE))
+    assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("transformer.") for k in state)
+    assert not (out / "transformer").exists()  # only the adapter is saved
+    p = AmusedPipeline.from_pretrained(pipe)
+    lora.load_lora_weights(p, out)
+    assert p("red pattern 0", num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+def test_train_from_scratch_low_memory_options_and_ema(setup, tmp_path):
+    pipe, images = setup
+    config = tmp_path / "uvit.json"
+    config.write_text(json.dumps(TRAIN_UVIT))
+    out = tmp_path / "scratch"
+    main(["train", "--pretrained_model_name_or_path", str(pipe), "--transformer_config", str(config),
+          "--train_data_dir", str(images), "--resolution", "8", "--train_batch_size", "2", "--max_train_steps", "12",
+          "--weights_dtype", "bf16", "--fused_optimizer_step", "--gradient_checkpointing", "--use_ema",
+          "--ema_decay", "0.5", "--checkpointing_steps", "6", "--output_dir", str(out), "--logging_steps", "1"])
+    loaded = AmusedPipeline.from_pretrained(out)
+    assert loaded.transformer.dtype == torch.bfloat16
+    ema_state = torch.load(out / "checkpoint-12" / "custom_checkpoint_2.pkl", weights_only=False)
+    for name, value in ema_state["shadow"].items():  # the saved model holds the EMA weights
+        assert torch.equal(loaded.transformer.state_dict()[name], value.to(torch.bfloat16)), name
+
+
+def test_clear_errors_for_unavailable_options(setup, tmp_path):
+    pipe, images = setup
+    with pytest.raises(RuntimeError, match="--use_8bit_adam"):
+        main(finetune_args(pipe, images, tmp_path / "a", 2, "--use_8bit_adam"))
+    with pytest.raises(ValueError, match="--max_grad_norm"):
+        main(finetune_args(pipe, images, tmp_path / "b", 2, "--fused_optimizer_step", "--max_grad_norm", "1"))
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ImportError, match="tensorboard"):
+            main(finetune_args(pipe, images, tmp_path / "c", 2, "--report_to", "tensorboard"))
