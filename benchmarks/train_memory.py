@@ -21,6 +21,11 @@ bf16 weights + 8-bit states with and without stochastic rounding.
     python benchmarks/train_memory.py --out $OUT/train_mem.json
     python benchmarks/train_memory.py --loss_curves --out $OUT/train_curves.json
     python benchmarks/train_memory.py --tiny --out /tmp/t.json          # CPU smoke test, tiny configs
+
+`--make_synthetic DIR` writes DIR/pipe (a random amused-512 pipeline with a CLIP-L-sized text encoder and a
+character-level tokenizer) and DIR/enc (random pre-encoded samples) for timing `amused finetune` itself, e.g.
+DDP scaling: `accelerate launch --num_processes 2 -m amused.training.cli finetune --pretrained_model_name_or_path
+DIR/pipe --preencoded_data_dir DIR/enc ...` (images/s is in <output_dir>/logs/train_log.jsonl).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import dataclasses
 import gc
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from amused import lora
 from amused.models.uvit import UViT, UViTConfig
 from amused.models.vqgan import VQGAN, VQGANConfig
+from amused.presets import CLIP_L, VQ_PRESETS, uvit_config
 from amused.training.masking import mask_tokens, masked_loss
 from amused.training.optim import FusedStepOptimizer, make_lr_scheduler
 
@@ -68,11 +75,9 @@ def adamw(setup: Setup, params, lr=1e-4, eight_bit=True):
 def clip_like(setup: Setup, dtype):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    big = setup.text_dim == 768
-    config = CLIPTextConfig(vocab_size=49408 if big else 100, hidden_size=setup.text_dim,
-                            intermediate_size=3072 if big else 32, num_hidden_layers=12 if big else 2,
-                            num_attention_heads=12 if big else 2, max_position_embeddings=setup.text_len,
-                            projection_dim=setup.text_dim)
+    small = dict(vocab_size=100, hidden_size=setup.text_dim, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=2, max_position_embeddings=setup.text_len, projection_dim=setup.text_dim)
+    config = CLIPTextConfig(**(CLIP_L if setup.text_dim == 768 else small))
     with setup.device:
         return CLIPTextModelWithProjection(config).to(dtype).eval().requires_grad_(False)
 
@@ -251,6 +256,41 @@ def loss_curve(setup: Setup, variant: str, steps: int, batch: int, lr: float) ->
     return losses
 
 
+def make_synthetic(setup: Setup, folder: Path, samples: int = 512) -> None:
+    """A random pipeline in the published layout + random pre-encoded data (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from amused.loading import write_json
+    from amused.pipeline import AmusedPipeline, SchedulerConfig
+
+    from amused.presets import write_clip_tokenizer  # character-level: no CLIP vocabulary offline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = write_clip_tokenizer(folder / "_tokenizer", max_length=setup.text_len)
+    small = dict(hidden_size=setup.text_dim, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=setup.text_len, projection_dim=setup.text_dim)
+    shape = {**(CLIP_L if setup.text_dim == 768 else small), "vocab_size": 516}  # the character vocabulary
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**shape, bos_token_id=514, eos_token_id=515, pad_token_id=515))
+    torch.manual_seed(0)
+    with setup.device:
+        transformer, vq = UViT(setup.uvit), VQGAN(setup.vq)
+    AmusedPipeline(vq.cpu(), tokenizer, text, transformer.cpu(),
+                   SchedulerConfig(mask_token_id=setup.uvit.mask_token_id)).save_pretrained(folder / "pipe")
+    enc, grid = folder / "enc", setup.resolution // setup.vq.scale_factor
+    enc.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    shard = {"ids": torch.randint(0, setup.uvit.codebook_size, (samples, grid, grid), generator=g).to(torch.int16),
+             "hidden": torch.randn(samples, setup.text_len, setup.text_dim, generator=g).half(),
+             "pooled": torch.randn(samples, setup.text_dim, generator=g).half(),
+             "micro_conds": torch.tensor([[setup.resolution, setup.resolution, 0, 0, 6.0]] * samples)}
+    save_file(shard, str(enc / "shard-00000.safetensors"), metadata={"captions": json.dumps(["x"] * samples)})
+    save_file({"hidden": torch.zeros(1, setup.text_len, setup.text_dim).half(),
+               "pooled": torch.zeros(1, setup.text_dim).half()}, str(enc / "empty_prompt.safetensors"))
+    write_json(enc / "index.json", {"num_samples": samples, "resolution": setup.resolution,
+                                    "shards": [{"file": "shard-00000.safetensors", "num_samples": samples}]})
+    print(f"wrote {folder / 'pipe'} and {enc} ({samples} samples)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON results path")
@@ -261,6 +301,7 @@ def main():
     parser.add_argument("--curve_batch", type=int, default=4)
     parser.add_argument("--curve_lr", type=float, default=1e-4)
     parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument("--make_synthetic", metavar="DIR", help="write a random pipeline + pre-encoded data and exit")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -270,15 +311,18 @@ def main():
         bnb = None
     if device.type != "cuda":
         bnb = None
-    uvit = UViTConfig(**TINY_UVIT) if args.tiny else UViTConfig(sample_size=32, downsample=True, upsample=True)
-    vq = VQGANConfig(**TINY_VQ) if args.tiny else VQGANConfig()
+    uvit = UViTConfig(**TINY_UVIT) if args.tiny else uvit_config("amused-512")
+    vq = VQGANConfig(**TINY_VQ) if args.tiny else VQ_PRESETS["amused"]()
     setup = Setup(uvit, vq, 8 if args.tiny else 77, uvit.encoder_hidden_size, 32 if args.tiny else 512, device, bnb)
     opt_name = "AdamW8bit" if bnb is not None else "torch AdamW (bitsandbytes unavailable)"
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "optimizer": opt_name, "resolution": setup.resolution, "batch": 1,
             "uvit_params_M": sum(p.numel() for p in UViT(uvit).parameters()) / 1e6 if args.tiny else 608.3}
     print(json.dumps(info))
-    if args.loss_curves:
+    if args.make_synthetic:
+        make_synthetic(setup, Path(args.make_synthetic))
+        result = {**info, "synthetic": args.make_synthetic}
+    elif args.loss_curves:
         curves = {}
         for variant in ("fp32-master", "bf16-sr", "bf16-nearest"):
             t0 = time.perf_counter()

@@ -140,3 +140,17 @@ def test_lora_loading_is_safe_and_names_the_file(pipe_dir, tmp_path):
 
 def test_text_encoder_targets_for_a_tiny_clip():
     assert lora.text_encoder_targets(tiny_text_encoder()) == lora.CLIP_TARGETS
+
+
+def test_lora_refuses_fused_projections(pipe_dir, tmp_path):
+    trained = AmusedPipeline.from_pretrained(pipe_dir)
+    lora.add_lora(trained.transformer, r=2, alpha=2)
+    path = lora.save_lora_weights(tmp_path, transformer=trained.transformer)
+    pipe = AmusedPipeline.from_pretrained(pipe_dir)
+    attention = [m for m in pipe.transformer.modules() if hasattr(m, "fuse_projections")]
+    if not attention:
+        pytest.skip("no fused-projection fast path in this model version")
+    for m in attention:
+        m.fuse_projections()
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        lora.load_lora_weights(pipe, path)

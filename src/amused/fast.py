@@ -47,8 +47,9 @@ def compile_blocks(pipe) -> None:
     share one compiled graph (parameters are graph inputs), so compilation takes seconds, not minutes, and
     kernels still fuse within each block. The CUDA graph removes the launch cost between blocks."""
     uvit, vq = pipe.transformer, pipe.vqvae
-    blocks = [*uvit.transformer_layers, uvit.down_block, uvit.up_block, uvit.mlm_layer, uvit.embed,
-              vq.decoder.mid_block, *vq.decoder.up_blocks]
+    # Each (block, shape) pair is one compiled entry: batch sizes x resolutions x blocks sharing code.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    blocks = [*uvit.transformer_layers, uvit.down_block, uvit.up_block, uvit.mlm_layer, uvit.embed, vq.decoder]
     for block in blocks:
         block.compile(dynamic=False)
 
@@ -93,8 +94,10 @@ class FastDecoder:
             if hasattr(module, "fuse_projections"):
                 module.fuse_projections() if self.fuse else module.unfuse_projections()
         pipe.vqvae.to(memory_format=torch.channels_last)
+        self.step_fn = sampling.unmask_step
         if self.compile:
             compile_blocks(pipe)
+            self.step_fn = torch.compile(sampling.unmask_step, dynamic=False)  # fuses softmax, noise, argmax
         self.transformer = pipe.transformer
         self.generator = torch.Generator(pipe.device)
         self.text_graphs: dict[tuple, _TextGraph] = {}
@@ -168,7 +171,7 @@ class FastDecoder:
         tokens = sampling.decode(logits_fn, bufs["tokens"], num_steps=num_steps,
                                  mask_token_id=pipe.scheduler.mask_token_id, start_step=start_step, schedule=schedule,
                                  temperature=temperature, total=bufs.get("total"), draw="gumbel",
-                                 generator=self.generator)
+                                 generator=self.generator, step_fn=self.step_fn)
         return tokens, self._vq_decode(tokens)
 
     def _capture(self, inputs, *settings) -> _Graph:

@@ -172,6 +172,7 @@ def load_lora_weights(pipe, path: str | Path, adapter_scale: float = 1.0, adapte
             the model is left without the half-loaded adapter.
     """
     path = Path(path)
+    _check_projections_unfused(pipe)
     state, configs = _read_lora_file(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -214,6 +215,16 @@ def load_lora_weights(pipe, path: str | Path, adapter_scale: float = 1.0, adapte
     _forget_prompt_cache(pipe)
 
 
+def _check_projections_unfused(pipe) -> None:
+    """The fast path's fused q/k/v weights are copies of the base weights: LoRA would bypass or desync them."""
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is not None and any(getattr(m, "fused_qkv", None) is not None or
+                                     getattr(m, "fused_kv", None) is not None for m in model.modules()):
+            raise ValueError(f"the {component}'s attention projections are fused (fast path); change LoRA weights "
+                             f"before fusing them, or call unfuse_projections() first")
+
+
 def _lora_layers(pipe_or_model) -> list[BaseTunerLayer]:
     models = [pipe_or_model] if isinstance(pipe_or_model, nn.Module) else [
         getattr(pipe_or_model, c, None) for c in COMPONENTS]
@@ -226,6 +237,7 @@ def set_lora_scale(pipe, scale: float, adapter_name: str | None = None) -> None:
     Raises:
         ValueError: the adapters are fused (unfuse first).
     """
+    _check_projections_unfused(pipe)
     layers = _lora_layers(pipe)
     if any(layer.merged for layer in layers):
         raise ValueError("the LoRA weights are fused into the model; call unfuse_lora before changing the scale")
@@ -238,6 +250,7 @@ def set_lora_scale(pipe, scale: float, adapter_name: str | None = None) -> None:
 
 def fuse_lora(pipe, adapter_names: list[str] | None = None) -> None:
     """Merge the adapters (at their current scale) into the base weights: no LoRA cost at inference."""
+    _check_projections_unfused(pipe)
     layers = _lora_layers(pipe)
     if not layers:
         raise ValueError("no LoRA adapters to fuse; load_lora_weights first")
@@ -248,6 +261,7 @@ def fuse_lora(pipe, adapter_names: list[str] | None = None) -> None:
 
 def unfuse_lora(pipe) -> None:
     """Subtract merged adapters from the base weights again (restores the weights up to float rounding)."""
+    _check_projections_unfused(pipe)
     for layer in _lora_layers(pipe):
         while layer.merged:
             layer.unmerge()

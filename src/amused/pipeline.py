@@ -241,10 +241,11 @@ class AmusedPipeline:
         """tokens (B, h, w) -> guided logits (B, V, h, w), through `model` (default: the U-ViT)."""
         guided = guidance_scale > 1.0
         model = model or self.transformer
+        ctx = model.condition(embeds.hidden, embeds.pooled, micro_conds)  # once per call, not per step
 
         def fn(tokens: torch.Tensor) -> torch.Tensor:
             model_input = torch.cat([tokens, tokens]) if guided else tokens
-            logits = model(model_input, embeds.hidden, embeds.pooled, micro_conds)
+            logits = model.forward_tokens(model_input, ctx)
             if not guided:
                 return logits
             uncond, cond = logits.chunk(2)

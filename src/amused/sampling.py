@@ -134,7 +134,7 @@ def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tens
            mask_token_id: int, start_step: int = 0, schedule: Schedule = "cosine",
            temperature: float | tuple[float, float] = (2.0, 0.0), total: torch.Tensor | None = None,
            draw: Draw = "reference", generator: torch.Generator | None = None,
-           callback: Callable[[int, StepResult], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, StepResult], None] | None = None, step_fn=unmask_step) -> torch.Tensor:
     """Run the MaskGIT loop from `start_step` to the end.
 
     Args:
@@ -149,6 +149,7 @@ def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tens
         draw: "reference" or "gumbel", see the module docstring.
         generator: torch.Generator for all random draws.
         callback: called as `callback(step, StepResult)` after every step.
+        step_fn: `unmask_step`, or a compiled version of it.
 
     Returns:
         (B, h, w) grid with every token decided.
@@ -164,8 +165,8 @@ def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tens
     for i in range(start_step, num_steps):
         logits = logits_fn(grid.view(B, H, W))  # (B, V, h, w)
         logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
-        result = unmask_step(logits, grid, total, ratios[i], temps[i], mask_token_id, i == num_steps - 1, draw,
-                             generator)
+        result = step_fn(logits, grid, total, ratios[i], temps[i], mask_token_id, i == num_steps - 1, draw,
+                         generator)
         grid = result.tokens
         if callback is not None:
             callback(i, result)

@@ -81,17 +81,23 @@ class Attention(nn.Module):
     def unfuse_projections(self) -> None:
         self.fused_qkv = self.fused_kv = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a cross-attention context; constant over decoding steps, so computed once."""
+        if self.fused_kv is not None:
+            k, v = F.linear(context, self.fused_kv).chunk(2, dim=-1)
+            return k, v
+        return self.to_k(context), self.to_v(context)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Self-attention (no context), or cross-attention to `context` or to its precomputed `kv`."""
         B, L, _ = x.shape
-        if context is None and self.fused_qkv is not None:
+        if kv is not None:
+            q, (k, v) = self.to_q(x), kv
+        elif context is None and self.fused_qkv is not None:
             q, k, v = F.linear(x, self.fused_qkv).chunk(3, dim=-1)
         else:
-            context = x if context is None else context
-            q = self.to_q(x)
-            if self.fused_kv is not None:
-                k, v = F.linear(context, self.fused_kv).chunk(2, dim=-1)
-            else:
-                k, v = self.to_k(context), self.to_v(context)
+            q, (k, v) = self.to_q(x), self.kv(x if context is None else context)
         q = q.view(B, L, self.heads, -1).transpose(1, 2)  # (B, h, L, d)
         k = k.view(B, k.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, S, d)
         v = v.view(B, v.shape[1], self.heads, -1).transpose(1, 2)
@@ -142,9 +148,14 @@ class AdaNorm(nn.Module):
         else:
             raise ValueError(f"AdaNorm kind must be 'rms' or 'layer', got {kind!r}")
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(cond).to(x.dtype)).chunk(2, dim=1)  # (B, C) each
-        return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (B, 1, C): constant over decoding steps, so computed once."""
+        scale, shift = self.linear(F.silu(cond)).chunk(2, dim=1)  # (B, C) each
+        return (1 + scale)[:, None, :], shift[:, None, :]
+
+    def forward(self, x: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        scale, shift = modulation
+        return self.norm(x) * scale + shift
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

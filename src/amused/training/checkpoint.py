@@ -26,6 +26,15 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 
 
+def check_world(accelerator: Accelerator) -> None:
+    """Refuse a launcher's several processes that accelerate did not join (each would think it is alone and
+    they would overwrite each other's checkpoints)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes != world:
+        raise RuntimeError(f"WORLD_SIZE is {world} but accelerate runs {accelerator.num_processes} process(es); launch "
+                           f"with `accelerate launch`, or set ACCELERATE_USE_CPU=1 for CPU (gloo) runs")
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(output_dir)

@@ -75,7 +75,7 @@ def _uvit_args(p: argparse.ArgumentParser, finetune: bool) -> None:
                                                                          "tokenizer/"))
     g.add_argument("--variant", help="weight variant, e.g. fp16")
     if not finetune:
-        from .train import UVIT_PRESETS
+        from ..presets import UVIT_PRESETS
 
         g.add_argument("--transformer_config", default="amused-256",
                        help=f"preset ({', '.join(UVIT_PRESETS)}) or a transformer config.json")
@@ -137,28 +137,33 @@ PREENCODE_EXAMPLE = """example:
 """
 
 
-def train_command(args) -> None:
-    from .train import run
+def _import(module: str):
+    """The training module, or an error naming the extra to install (peft, accelerate)."""
+    import importlib
 
-    run(args, "train")
+    try:
+        return importlib.import_module(f"amused.training.{module}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("amused"):
+            raise
+        raise SystemExit(f"amused training needs the {e.name!r} package: pip install 'amused[train]' "
+                         f"(peft, accelerate)") from e
+
+
+def train_command(args) -> None:
+    _import("train").run(args, "train")
 
 
 def finetune_command(args) -> None:
-    from .train import run
-
-    run(args, "finetune")
+    _import("train").run(args, "finetune")
 
 
 def vqgan_command(args) -> None:
-    from .vqgan_train import run
-
-    run(args)
+    _import("vqgan_train").run(args)
 
 
 def preencode_command(args) -> None:
-    from .preencode import run
-
-    run(args)
+    _import("preencode").run(args)
 
 
 def add_commands(subparsers) -> None:

@@ -95,8 +95,8 @@ class FusedStepOptimizer(torch.optim.Optimizer):
             if target is p:
                 opt.step()
             else:
-                target.data = p.detach().float()
-                target.grad = p.grad.float()
+                target.data = p.detach().float().contiguous()
+                target.grad = p.grad.float().contiguous()  # bitsandbytes kernels want dense tensors
                 opt.step()
                 p.detach().copy_(stochastic_round_bf16(target.data))
                 target.data, target.grad = torch.empty(0, device=p.device), None

@@ -28,18 +28,13 @@ from ..loading import config_from_dict, load_model, read_json, resolve
 from ..models.text_encoder import TextEncoder
 from ..models.uvit import UViT, UViTConfig
 from ..models.vqgan import VQGAN, VQGANConfig
+from ..presets import UVIT_PRESETS
 from . import checkpoint as ckpt
 from .data import EpochSampler, PreencodedDataset, make_dataset
 from .ema import EMA
 from .masking import drop_text, mask_tokens, masked_loss
 from .optim import FusedStepOptimizer, adamw_factory, make_lr_scheduler
 
-UVIT_PRESETS = {  # the published architectures; text/VQ widths are adapted to the given components
-    "amused-256": lambda: UViTConfig(sample_size=16),
-    "amused-512": lambda: UViTConfig(sample_size=32, downsample=True, upsample=True),
-    "small": lambda: UViTConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408,
-                                in_channels=256, block_out_channels=256, block_num_heads=4, num_res_blocks=1),
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -161,6 +156,7 @@ def run(args, mode: str) -> Path:
                               log_with=args.report_to if args.report_to in ("tensorboard",) else None,
                               project_dir=str(out))
     check_args(args, accelerator)
+    ckpt.check_world(accelerator)
     device, main = accelerator.device, accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..loading import config_from_dict, load_model, read_json, save_model
 from ..models.vqgan import VQGAN, VQGANConfig
+from ..presets import VQ_PRESETS
 from . import checkpoint as ckpt
 from .data import EpochSampler, ImageFolder, TrainDataset, make_dataset
 from .optim import make_lr_scheduler
@@ -126,8 +127,8 @@ def build_vqgan(args) -> VQGAN:
         folder = Path(args.pretrained_model_name_or_path)
         folder = folder / "vqvae" if (folder / "vqvae").is_dir() else folder
         return load_model(VQGAN, VQGANConfig, folder).train()
-    if args.vqgan_config == "amused":
-        cfg = VQGANConfig()
+    if args.vqgan_config in VQ_PRESETS:
+        cfg = VQ_PRESETS[args.vqgan_config]()
     else:
         path = Path(args.vqgan_config)
         cfg = config_from_dict(VQGANConfig, read_json(path), path)
@@ -175,6 +176,7 @@ def run(args) -> dict[str, float]:
 
     out = Path(args.output_dir)
     accelerator = Accelerator(mixed_precision=None if args.mixed_precision in (None, "no") else args.mixed_precision)
+    ckpt.check_world(accelerator)
     device, main = accelerator.device, accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
