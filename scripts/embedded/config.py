@@ -1,0 +1,19 @@
+"""Architecture of the embedded model (amused-emoji-64): 64x64 px, 16x16 tokens, 1024 codes, MiniLM text.
+
+Sized to the issue's budget: the shipped VQGAN + U-ViT weights in fp16 under 24 MB, and a 12-step image in
+well under a second on 2 CPU cores.
+"""
+
+from amused.models.uvit import UViTConfig
+from amused.models.vqgan import VQGANConfig
+
+CODEBOOK = 1024
+TEXT_MAX_LENGTH = 24  # MiniLM tokens per caption (emoji captions need ~16)
+
+VQ = VQGANConfig(block_out_channels=[64, 128, 128], layers_per_block=1, latent_channels=32,
+                 num_vq_embeddings=CODEBOOK, norm_num_groups=32, sample_size=64)
+
+UVIT = UViTConfig(hidden_size=256, cond_embed_dim=384, micro_cond_encode_dim=32, micro_cond_embed_dim=160,
+                  encoder_hidden_size=384, vocab_size=CODEBOOK + 8, codebook_size=CODEBOOK, in_channels=128,
+                  block_out_channels=192, num_res_blocks=1, downsample=True, upsample=True, block_num_heads=4,
+                  num_hidden_layers=4, num_attention_heads=4, intermediate_size=640, sample_size=16)
