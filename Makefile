@@ -10,6 +10,10 @@ BIN := $(VENV)/bin
 .PHONY: install generate test clean
 
 $(BIN)/.installed: pyproject.toml
+	@# cairosvg (OpenMoji rasterising, tested) needs the cairo library: install it where we can (root, Debian)
+	@if ! ldconfig -p 2>/dev/null | grep -q libcairo.so.2; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq libcairo2 >/dev/null; \
+	  else echo "note: libcairo2 is missing (sudo apt-get install libcairo2); OpenMoji rendering and its tests need it"; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"

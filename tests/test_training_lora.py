@@ -154,3 +154,22 @@ def test_lora_refuses_fused_projections(pipe_dir, tmp_path):
         m.fuse_projections()
     with pytest.raises(ValueError, match="unfuse_projections"):
         lora.load_lora_weights(pipe, path)
+
+
+def test_pipeline_lora_methods_as_diffusers_users_call_them(pipe_dir, tmp_path):
+    trained = AmusedPipeline.from_pretrained(pipe_dir)
+    path = lora.save_lora_weights(tmp_path, trained.transformer, None, {"transformer": _trained_lora(trained)["transformer"]})
+    pipe = AmusedPipeline.from_pretrained(pipe_dir)
+    base = pipe("a red square", height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(path, scale=1.0)
+    with_lora = pipe("a red square", height=8, width=8, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    pipe.fuse_lora()
+    fused = pipe("a red square", height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    pipe.unfuse_lora()
+    pipe.set_lora_scale(0.0)
+    off = pipe("a red square", height=8, width=8, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert abs(with_lora - base).max() > 1e-3
+    assert abs(fused - with_lora).max() < 1e-4
+    assert abs(off - base).max() < 1e-4
+    pipe.unload_lora_weights()

@@ -53,8 +53,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature is not None:
         kwargs["temperature"] = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
     image = pipe(args.prompt, **kwargs).images[0]
+    steps, guidance, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, kwargs.get("temperature"))
     save_image(image, args.out, {"prompt": args.prompt, "seed": args.seed, "model": args.model or "embedded",
-                                 "steps": args.steps, "guidance_scale": args.guidance_scale,
+                                 "steps": steps, "guidance_scale": guidance, "temperature": temperature,
                                  "negative_prompt": args.negative_prompt})
     if args.json:
         print(json.dumps({"out": str(args.out), "prompt": args.prompt, "seed": args.seed}))
@@ -71,10 +72,11 @@ def add_generate(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default: out.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=12, help="decoding steps (default 12)")
-    p.add_argument("--guidance-scale", type=float, default=10.0, help="classifier-free guidance (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's, else 12)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the model's, else 10)")
     p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
-                   help="start [end] of the temperature ramp (default 2 0)")
+                   help="start [end] of the temperature ramp (default: the model's, else 2 0)")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of the VQ factor")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of the VQ factor")
     add_runtime_args(p)

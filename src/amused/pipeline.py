@@ -33,6 +33,10 @@ from .models.uvit import UViT, UViTConfig
 from .models.vqgan import VQGAN, VQGANConfig
 
 
+# diffusers' AmusedPipeline defaults; a checkpoint's generation_config.json may override them.
+REFERENCE_DEFAULTS = {"num_inference_steps": 12, "guidance_scale": 10.0, "temperature": (2, 0)}
+
+
 @dataclass
 class SchedulerConfig:
     """The `scheduler/` component: which token is the mask and how the mask shrinks over the steps."""
@@ -81,6 +85,7 @@ class AmusedPipeline:
         self.prompt_encoder = TextEncoder(text_encoder, tokenizer)
         self._negative_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fast = None  # a FastDecoder once enable_fast() is called
+        self.generation_defaults: dict[str, Any] = {}  # from generation_config.json, see resolve_defaults
         if scheduler.mask_token_id != transformer.config.mask_token_id:
             raise ValueError(f"scheduler mask_token_id {scheduler.mask_token_id} differs from the transformer's "
                              f"({transformer.config.mask_token_id} = vocab_size - 1)")
@@ -116,7 +121,11 @@ class AmusedPipeline:
         sched = read_json(root / "scheduler" / "scheduler_config.json")
         scheduler = SchedulerConfig(mask_token_id=int(sched.get("mask_token_id", transformer.config.mask_token_id)),
                                     masking_schedule=sched.get("masking_schedule", "cosine"))
-        return cls(vqvae, tokenizer, text_encoder, transformer, scheduler)
+        pipe = cls(vqvae, tokenizer, text_encoder, transformer, scheduler)
+        if (root / "generation_config.json").is_file():
+            pipe.generation_defaults = _generation_defaults(read_json(root / "generation_config.json"),
+                                                            root / "generation_config.json")
+        return pipe
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> None:
         """Write the published layout (diffusers can read it too)."""
@@ -137,6 +146,8 @@ class AmusedPipeline:
         else:
             self.text_encoder.save_pretrained(root / "text_encoder", variant=variant)
             self.tokenizer.save_pretrained(root / "tokenizer")
+        if self.generation_defaults:
+            write_json(root / "generation_config.json", dict(self.generation_defaults))
         write_json(root / "scheduler" / "scheduler_config.json",
                    {"_class_name": "AmusedScheduler", "_diffusers_version": "0.42.1",
                     **dataclasses.asdict(self.scheduler)})
@@ -144,7 +155,9 @@ class AmusedPipeline:
     @classmethod
     def from_pipe(cls, pipe: "AmusedPipeline") -> "AmusedPipeline":
         """The same components (shared, not copied) behind another task's entry point."""
-        return cls(pipe.vqvae, pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler)
+        new = cls(pipe.vqvae, pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler)
+        new.generation_defaults = pipe.generation_defaults
+        return new
 
     @property
     def device(self) -> torch.device:
@@ -259,6 +272,13 @@ class AmusedPipeline:
 
         return fn
 
+    def resolve_defaults(self, num_inference_steps, guidance_scale, temperature):
+        """Arguments left as None take the checkpoint's `generation_config.json` values, else diffusers'."""
+        d = {**REFERENCE_DEFAULTS, **self.generation_defaults}
+        return (d["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
+                d["guidance_scale"] if guidance_scale is None else guidance_scale,
+                tuple(d["temperature"]) if temperature is None else temperature)
+
     def _check_common(self, num_inference_steps, guidance_scale, num_images_per_prompt, output_type):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
@@ -275,6 +295,8 @@ class AmusedPipeline:
                   num_images_per_prompt, generator, prompt_embeds, encoder_hidden_states, negative_prompt_embeds,
                   negative_encoder_hidden_states, output_type, return_dict, callback, callback_steps,
                   micro_conditioning_aesthetic_score, micro_conditioning_crop_coord, temperature, schedule):
+        num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps, guidance_scale,
+                                                                                 temperature)
         self._check_common(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
         self.vqvae.check_size(height, width, "height/width")
         guided = guidance_scale > 1.0
@@ -327,6 +349,37 @@ class AmusedPipeline:
                 raise FloatingPointError("the VQ decoder gives non-finite pixels even in float32: corrupt weights?")
         return images
 
+    # ------------------------------------------------------------------------------------------------------
+    # LoRA (amused.lora does the work; peft underneath)
+    # ------------------------------------------------------------------------------------------------------
+
+    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str = "default") -> None:
+        """Add the LoRA adapters of a safetensors file (from `amused finetune --use_lora`) at `scale`."""
+        from . import lora
+
+        lora.load_lora_weights(self, path, adapter_scale=scale, adapter_name=adapter_name)
+
+    def set_lora_scale(self, scale: float) -> None:
+        from . import lora
+
+        lora.set_lora_scale(self, scale)
+
+    def fuse_lora(self) -> None:
+        """Merge the adapters into the weights (no LoRA cost per step; needed before enable_fast)."""
+        from . import lora
+
+        lora.fuse_lora(self)
+
+    def unfuse_lora(self) -> None:
+        from . import lora
+
+        lora.unfuse_lora(self)
+
+    def unload_lora_weights(self) -> None:
+        from . import lora
+
+        lora.unload_lora_weights(self)
+
     def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16, fuse: bool = True
                     ) -> "AmusedPipeline":
         """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`."""
@@ -334,6 +387,10 @@ class AmusedPipeline:
 
         if self.device.type != "cuda":
             raise ValueError("enable_fast needs the pipeline on a CUDA device; call .to('cuda') first")
+        for module in self.transformer.modules():
+            if getattr(module, "merged", True) is False and hasattr(module, "lora_A"):
+                raise ValueError("unfused LoRA adapters: call pipe.fuse_lora() before enable_fast() (the graph "
+                                 "bakes fused projection weights)")
         self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype, fuse=fuse)
         return self
 
@@ -346,7 +403,7 @@ class AmusedPipeline:
     # ------------------------------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 12, guidance_scale: float = 10.0,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
@@ -355,14 +412,14 @@ class AmusedPipeline:
                  return_dict: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None,
                  callback_steps: int = 1, micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
-                 temperature: float | tuple[float, float] = (2, 0), masking_schedule: str | None = None):
+                 temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None):
         """Generate images from text.
 
         Args:
             prompt: a prompt or a list of prompts.
             height, width: output size in pixels, multiples of the VQ factor (default: the model's native size).
-            num_inference_steps: decoding steps (12).
-            guidance_scale: classifier-free guidance weight; > 1 turns guidance on (10).
+            num_inference_steps: decoding steps (12, or the checkpoint's generation_config.json).
+            guidance_scale: classifier-free guidance weight; > 1 turns guidance on (10, or the checkpoint's).
             negative_prompt: one string for all prompts, or one per prompt ("" by default).
             num_images_per_prompt: images for each prompt.
             generator: seeds every random draw; a CPU generator reproduces diffusers' images.
@@ -373,7 +430,7 @@ class AmusedPipeline:
             callback: `callback(step, timestep, tokens)` every `callback_steps` steps.
             micro_conditioning_aesthetic_score: aesthetic score to condition on (6).
             micro_conditioning_crop_coord: (top, left) crop to condition on.
-            temperature: (start, end) of the confidence-noise temperature ramp.
+            temperature: (start, end) of the confidence-noise temperature ramp ((2, 0), or the checkpoint's).
             masking_schedule: "cosine" or "linear" (default: the scheduler's).
 
         Returns:
@@ -440,7 +497,7 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
     """Image-to-image: re-generate a `strength` fraction of an image's tokens."""
 
     def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None, strength: float = 0.5,
-                 num_inference_steps: int = 12, guidance_scale: float = 10.0,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, prompt_embeds: torch.Tensor | None = None,
                  encoder_hidden_states: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -448,7 +505,7 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
                  return_dict: bool = True, callback=None, callback_steps: int = 1,
                  micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
-                 temperature: float | tuple[float, float] = (2, 0), masking_schedule: str | None = None,
+                 temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None,
                  height: int | None = None, width: int | None = None):
         """Like `AmusedPipeline.__call__`, plus:
 
@@ -459,6 +516,8 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
         """
         if image is None:
             raise ValueError("img2img needs `image`")
+        num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps,
+                                                                                 guidance_scale, temperature)
         start_step = _start_step(num_inference_steps, strength)
         schedule = masking_schedule or self.scheduler.masking_schedule
         if height is not None or width is not None:
@@ -499,8 +558,8 @@ class AmusedInpaintPipeline(AmusedPipeline):
     reference uses for this task, without changing the shared scheduler."""
 
     def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None,
-                 mask_image: ImageInput = None, strength: float = 1.0, num_inference_steps: int = 12,
-                 guidance_scale: float = 10.0, negative_prompt: str | list[str] | None = None,
+                 mask_image: ImageInput = None, strength: float = 1.0, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
                  prompt_embeds: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
@@ -508,7 +567,7 @@ class AmusedInpaintPipeline(AmusedPipeline):
                  return_dict: bool = True, callback=None, callback_steps: int = 1,
                  micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
-                 temperature: float | tuple[float, float] = (2, 0), masking_schedule: str = "linear"):
+                 temperature: float | tuple[float, float] | None = None, masking_schedule: str = "linear"):
         """Like `AmusedPipeline.__call__`, plus:
 
         Args:
@@ -519,6 +578,8 @@ class AmusedInpaintPipeline(AmusedPipeline):
         """
         if image is None or mask_image is None:
             raise ValueError("inpainting needs both `image` and `mask_image`")
+        num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps,
+                                                                                 guidance_scale, temperature)
         start_step = _start_step(num_inference_steps, strength)
         pixels = preprocess_image(image, "image")
         height, width = pixels.shape[-2:]
@@ -584,3 +645,10 @@ def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | N
     except (OSError, ValueError, EnvironmentError) as e:
         raise CheckpointError(f"cannot load the text encoder or tokenizer under {root}: {e}") from e
     return tokenizer, model.eval()
+
+
+def _generation_defaults(data: dict, source: Path) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(REFERENCE_DEFAULTS))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {unknown}; allowed: {sorted(REFERENCE_DEFAULTS)}")
+    return data
