@@ -301,6 +301,8 @@ def main():
     parser.add_argument("--curve_batch", type=int, default=4)
     parser.add_argument("--curve_lr", type=float, default=1e-4)
     parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="run only these settings (one process per setting gives clean peaks)")
     parser.add_argument("--make_synthetic", metavar="DIR", help="write a random pipeline + pre-encoded data and exit")
     args = parser.parse_args()
 
@@ -351,6 +353,8 @@ def main():
                          ("ref-lora16", lambda: reference(setup, "lora"), "UVit2DModel fp16 autocast + LoRA r16")]
             except ImportError:
                 print("diffusers not importable: reference rows skipped")
+        if args.only:
+            plan = [p for p in plan if p[0] in args.only]
         for name, build, note in plan:
             rows.append(measure(name, build, setup, note, args.steps))
             print(json.dumps(rows[-1]))

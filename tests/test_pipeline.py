@@ -187,3 +187,22 @@ def test_not_a_checkpoint(tmp_path):
         AmusedPipeline.from_pretrained(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="model_index.json"):
         AmusedPipeline.from_pretrained(tmp_path)
+
+
+def test_return_steps_frames_heatmaps_and_gif(ours, tmp_path):
+    from amused.steps import confidence_map, save_gif, step_frames
+
+    out = ours("a cat", height=16, width=16, num_inference_steps=4, generator=seeded(0), return_steps=True)
+    assert [s.step for s in out.steps] == [0, 1, 2, 3]
+    masked = [int((s.tokens == 23).sum()) for s in out.steps]
+    assert masked == sorted(masked, reverse=True) and masked[-1] == 0
+    frames = step_frames(ours, out.steps, scale=2)
+    assert len(frames) == 4 and frames[0].size == (32, 32)
+    first = np.asarray(frames[0], np.float32) / 255
+    assert (abs(first - 0.55) < 0.01).all(axis=-1).mean() > 0.5  # mostly undecided (grey) after step 1
+    assert np.asarray(frames[-1]).tolist() == np.asarray(out.images[0].resize((32, 32), 0)).tolist()
+    heat = confidence_map(out.steps[1], size=64)
+    assert heat.size == (64, 64)
+    save_gif(frames, tmp_path / "steps.gif")
+    gif = PIL.Image.open(tmp_path / "steps.gif")
+    assert gif.n_frames == 4

@@ -50,8 +50,19 @@ class SchedulerConfig:
 
 
 @dataclass
+class StepState:
+    """The token grid after one decoding step (with `return_steps=True`), on the CPU."""
+
+    step: int
+    tokens: torch.Tensor  # (B, h, w) kept tokens; the mask token where still undecided
+    predicted: torch.Tensor  # (B, h, w) the sampled token at every position this step
+    confidence: torch.Tensor  # (B, h, w) float32 log-prob (+ noise) of each sample; +inf where already known
+
+
+@dataclass
 class AmusedPipelineOutput:
     images: Any  # list of PIL images, (B, H, W, 3) numpy array, (B, 3, H, W) tensor, or (B, h, w) token ids
+    steps: list[StepState] | None = None  # every decoding step, when called with return_steps=True
 
 
 @dataclass
@@ -293,7 +304,7 @@ class AmusedPipeline:
     @torch.inference_mode()
     def _generate(self, *, prompt, negative_prompt, tokens_fn, height, width, num_inference_steps, guidance_scale,
                   num_images_per_prompt, generator, prompt_embeds, encoder_hidden_states, negative_prompt_embeds,
-                  negative_encoder_hidden_states, output_type, return_dict, callback, callback_steps,
+                  negative_encoder_hidden_states, output_type, return_dict, callback, callback_steps, return_steps,
                   micro_conditioning_aesthetic_score, micro_conditioning_crop_coord, temperature, schedule):
         num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps, guidance_scale,
                                                                                  temperature)
@@ -311,14 +322,20 @@ class AmusedPipeline:
         f = self.vae_scale_factor
         start = tokens_fn(batch, height // f, width // f)
         draw = _draw_for(generator, self.device)
+        steps: list[StepState] | None = [] if return_steps else None
         user_callback = None
-        if callback is not None:
+        if callback is not None or return_steps:
             def user_callback(i, result):
-                if (i - start.start_step) % callback_steps == 0 or i == num_inference_steps - 1:
-                    callback(i, num_inference_steps - 1 - i, result.tokens.view(start.tokens.shape))
+                shape = start.tokens.shape
+                if steps is not None:
+                    steps.append(StepState(i, result.tokens.view(shape).cpu(), result.predicted.view(shape).cpu(),
+                                           result.confidence.view(shape).float().cpu()))
+                if callback is not None and ((i - start.start_step) % callback_steps == 0
+                                             or i == num_inference_steps - 1):
+                    callback(i, num_inference_steps - 1 - i, result.tokens.view(shape))
         schedule = schedule or self.scheduler.masking_schedule
         images = None
-        if self._fast is not None and draw == "gumbel" and self._fast.supports(generator, callback):
+        if self._fast is not None and draw == "gumbel" and self._fast.supports(generator, user_callback):
             tokens, images = self._fast.run(embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance_scale,
                                             start=start, num_steps=num_inference_steps, schedule=schedule,
                                             temperature=temperature, generator=generator)
@@ -328,11 +345,11 @@ class AmusedPipeline:
                                      num_steps=num_inference_steps, mask_token_id=self.scheduler.mask_token_id,
                                      start_step=start.start_step, schedule=schedule, temperature=temperature,
                                      total=start.total, draw=draw, generator=generator, callback=user_callback)
-        if output_type == "latent":
-            return AmusedPipelineOutput(tokens) if return_dict else (tokens,)
-        images = self._decode_checked(tokens, images)
-        images = postprocess(images, output_type)
-        return AmusedPipelineOutput(images) if return_dict else (images,)
+        if output_type != "latent":
+            images = postprocess(self._decode_checked(tokens, images), output_type)
+        else:
+            images = tokens
+        return AmusedPipelineOutput(images, steps) if return_dict else (images,)
 
     def _decode_checked(self, tokens: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         """VQ-decode (unless done already), and never hand out NaN/inf pixels: a reduced-precision decode
@@ -410,7 +427,8 @@ class AmusedPipeline:
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
                  return_dict: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                 callback_steps: int = 1, micro_conditioning_aesthetic_score: float = 6,
+                 callback_steps: int = 1, return_steps: bool = False,
+                 micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
                  temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None):
         """Generate images from text.
@@ -428,6 +446,8 @@ class AmusedPipeline:
             negative_prompt_embeds, negative_encoder_hidden_states: the same for the negative prompt.
             output_type: "pil", "np", "pt" or "latent" (token ids).
             callback: `callback(step, timestep, tokens)` every `callback_steps` steps.
+            return_steps: also return every step's tokens and confidences (`.steps`; see amused.steps for
+                frames, heat maps and GIFs).
             micro_conditioning_aesthetic_score: aesthetic score to condition on (6).
             micro_conditioning_crop_coord: (top, left) crop to condition on.
             temperature: (start, end) of the confidence-noise temperature ramp ((2, 0), or the checkpoint's).
@@ -453,7 +473,7 @@ class AmusedPipeline:
                               prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
                               negative_prompt_embeds=negative_prompt_embeds,
                               negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps, return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=masking_schedule)
@@ -502,7 +522,7 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
                  generator: torch.Generator | None = None, prompt_embeds: torch.Tensor | None = None,
                  encoder_hidden_states: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback=None, callback_steps: int = 1,
+                 return_dict: bool = True, callback=None, callback_steps: int = 1, return_steps: bool = False,
                  micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
                  temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None,
@@ -547,7 +567,7 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
                               prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
                               negative_prompt_embeds=negative_prompt_embeds,
                               negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps, return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=schedule)
@@ -564,7 +584,7 @@ class AmusedInpaintPipeline(AmusedPipeline):
                  prompt_embeds: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback=None, callback_steps: int = 1,
+                 return_dict: bool = True, callback=None, callback_steps: int = 1, return_steps: bool = False,
                  micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
                  temperature: float | tuple[float, float] | None = None, masking_schedule: str = "linear"):
@@ -610,7 +630,7 @@ class AmusedInpaintPipeline(AmusedPipeline):
                               prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
                               negative_prompt_embeds=negative_prompt_embeds,
                               negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps, return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=masking_schedule)
