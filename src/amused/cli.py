@@ -15,6 +15,8 @@ EXAMPLES = {
     "generate": """examples:
   amused generate "red apple, openmoji style" --out apple.png
   amused generate "a cat" --model amused/amused-256 --seed 3 --out cat.png --steps 12 --guidance-scale 10
+  amused generate --prompts-file prompts.txt --num-images 4 --out-dir out/ --grid grid.png
+  amused generate --from-image out/0003_red-apple.png --out again.png
 """,
 }
 
@@ -41,36 +43,127 @@ def load_pipeline(model: str | None, device: str, dtype: str, cls_name: str = "A
     return pipe.to(device)
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt and args.prompts_file:
+        raise ValueError("give a PROMPT or --prompts-file, not both")
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file {path} holds no prompt")
+        return prompts
+    if args.prompt is None:
+        raise ValueError("give a PROMPT, --prompts-file or --from-image")
+    return [args.prompt]
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+    if args.temperature is not None:
+        if len(args.temperature) > 2:
+            raise ValueError("--temperature takes one or two numbers (start [end])")
+        kwargs["temperature"] = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
+    return kwargs
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Prompts x --num-images images, generated --batch-size at a time (one pipeline call per batch)."""
+    import torch
+    from tqdm import tqdm
+
+    from .images import make_image_grid, save_image
+
+    if args.from_image:
+        return regenerate(args)
+    prompts = read_prompts(args)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num-images and --batch-size must be >= 1")
+    jobs = [p for p in prompts for _ in range(args.num_images)]
+    single = len(jobs) == 1 and args.out_dir is None
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.out).parent
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.lora:
+        pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+    kwargs = sampling_kwargs(args)
+    steps, guidance, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, kwargs.get("temperature"))
+    written, images = [], []
+    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=args.quiet or args.json or
+                                   len(batches) == 1)):
+        seed = args.seed + b  # one generator per batch call; the PNG records seed + batch to replay it exactly
+        out = pipe(batch, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
+        for i, (prompt, image) in enumerate(zip(batch, out)):
+            n = b * args.batch_size + i
+            path = Path(args.out) if single else out_dir / f"{n:04d}_{_slug(prompt)}.png"
+            meta = {"prompt": prompt, "seed": seed, "batch_prompts": batch, "batch_index": i,
+                    "model": args.model or "embedded", "steps": steps, "guidance_scale": guidance,
+                    "temperature": list(temperature) if isinstance(temperature, tuple) else temperature,
+                    "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
+                    "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None}
+            save_image(image, path, meta)
+            written.append(str(path))
+            images.append(image)
+    if args.grid:
+        save_image(make_image_grid(images, cols=args.num_images if len(prompts) > 1 else None), args.grid,
+                   {"prompts": prompts})
+        written.append(str(args.grid))
+    if args.json:
+        print(json.dumps({"images": written, "prompts": prompts, "seed": args.seed}))
+    elif not args.quiet:
+        print("wrote " + (written[0] if len(written) == 1 else f"{len(written)} files to {out_dir}"))
+    return 0
+
+
+def regenerate(args: argparse.Namespace) -> int:
+    """Replay the batch recorded in a PNG's metadata and write the same image again."""
     import torch
 
-    from .images import save_image
+    from .images import load_image, save_image
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, generator=generator)
-    if args.temperature is not None:
-        kwargs["temperature"] = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
-    image = pipe(args.prompt, **kwargs).images[0]
-    steps, guidance, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, kwargs.get("temperature"))
-    save_image(image, args.out, {"prompt": args.prompt, "seed": args.seed, "model": args.model or "embedded",
-                                 "steps": steps, "guidance_scale": guidance, "temperature": temperature,
-                                 "negative_prompt": args.negative_prompt})
-    if args.json:
-        print(json.dumps({"out": str(args.out), "prompt": args.prompt, "seed": args.seed}))
-    elif not args.quiet:
+    text = load_image(args.from_image).info.get("amused")
+    if not text:
+        raise ValueError(f"--from-image {args.from_image} carries no amused metadata (not made by amused generate?)")
+    meta = json.loads(text)
+    model = args.model or (None if meta.get("model") == "embedded" else meta.get("model"))
+    pipe = load_pipeline(model, args.device, args.dtype)
+    if meta.get("lora"):
+        pipe.load_lora_weights(meta["lora"], scale=meta.get("lora_scale") or 1.0)
+    temperature = meta.get("temperature")
+    out = pipe(meta.get("batch_prompts") or [meta["prompt"]], negative_prompt=meta.get("negative_prompt"),
+               num_inference_steps=meta.get("steps"), guidance_scale=meta.get("guidance_scale"),
+               temperature=tuple(temperature) if isinstance(temperature, list) else temperature,
+               height=meta.get("height"), width=meta.get("width"),
+               generator=torch.Generator("cpu").manual_seed(meta["seed"])).images
+    image = out[meta.get("batch_index", 0)]
+    save_image(image, args.out, meta)
+    if not args.quiet:
         print(f"wrote {args.out}")
     return 0
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(filter(None, keep.split("-")))[:limit] or "image"
 
 
 def add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="text to image", epilog=EXAMPLES["generate"],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", help="what to draw")
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw")
+    p.add_argument("--prompts-file", default=None, help="a text file, one prompt a line")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
-    p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default: out.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG for a single image (default out.png)")
+    p.add_argument("--out-dir", default=None, help="folder for several images (default: beside --out)")
+    p.add_argument("--grid", type=Path, default=None, help="also write all images as one grid PNG")
+    p.add_argument("--from-image", type=Path, default=None, help="regenerate from a PNG's recorded settings")
+    p.add_argument("--lora", default=None, help="LoRA weights (file or folder) to load")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch k uses seed + k)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's, else 12)")
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -107,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_training = None
     if add_training is not None:
         add_training(sub)
+    parser.allow_abbrev = False  # "--guidance 3" must not silently mean --guidance-scale
+    for command in sub.choices.values():
+        command.allow_abbrev = False
     return parser
 
 
