@@ -189,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     from .bench import add_command as add_bench
     from .data.emoji import add_command as add_emoji_data
+    from .evaluate import add_command as add_eval
 
     add_bench(sub)
+    add_eval(sub)
     add_emoji_data(sub)
     try:
         from .training.cli import add_commands as add_training

@@ -1,0 +1,373 @@
+"""`amused eval`: the quality figures of a text-to-image checkpoint on the emoji data (`amused build-emoji-data`).
+
+Two measurements (docs/embedded_model.md gives the embedded model's figures and the reasoning):
+
+- VQGAN reconstruction PSNR: encode to token ids, decode, mean per-image PSNR (dB, pixels in [0, 1]) on the
+  held-out images and on a fixed sample of training images (the same definition as `amused train-vqgan`).
+- Prompt adherence as top-1 retrieval accuracy: generate one image per caption; its nearest real image (all
+  images of the evaluated styles, train + held-out) is a hit when it shows the prompted emoji (same `emoji`
+  field: the base name, so skin-tone variants of one emoji count as the same emoji). The feature space is a
+  16x16 RGB thumbnail (area-downsampled, on white), centred on its own mean and L2-normalised: the cosine
+  is then the Pearson correlation of two thumbnails. Among cheap offline candidates (8 to 32 px thumbnails,
+  grey, database- or image-centred, VQGAN encoder latents pooled to 2..16 px) it separated real images from
+  random ones best at no cost; the VQGAN latents were no better and take 40 ms an image on a CPU.
+  The scale: the same metric for images decoded from uniformly random token grids (the floor), for the real
+  image of each caption with itself excluded (skin-tone siblings of the same style are then often nearest),
+  and for the real image with every drawing of its emoji in its own style excluded (does another style's
+  drawing come nearest: how far pixel similarity carries across styles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STYLES = ("google", "twitter", "openmoji")  # what the embedded model was trained on; noto is left out
+FEATURE_SIZE = 16  # thumbnail side of the retrieval feature space
+GRID_EMOJI = ("red apple", "cat face", "grinning face", "red heart", "rocket", "pizza", "ghost", "dog face")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_rows(data_dir: str | Path, styles=STYLES) -> list[dict]:
+    """The metadata rows of train/ and heldout/ in the given styles, each with a `split` key added.
+
+    Raises:
+        FileNotFoundError: naming --data, when the folder was not built.
+    """
+    data_dir = Path(data_dir)
+    if not (data_dir / "train" / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"--data {data_dir}: no emoji data there (expected train/metadata.jsonl and "
+                                f"heldout/metadata.jsonl); build it with `amused build-emoji-data --out {data_dir}`")
+    rows = []
+    for split in ("train", "heldout"):
+        path = data_dir / split / "metadata.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("style") in styles:
+                    rows.append({**row, "split": split})
+    if not rows:
+        raise ValueError(f"--data {data_dir}: no images in the styles {', '.join(styles)}")
+    return rows
+
+
+def load_images(data_dir: str | Path, rows: list[dict]) -> torch.Tensor:
+    """(N, 3, H, W) float images in [0, 1]; transparent ones are composited on white."""
+    from PIL import Image
+
+    arrays = []
+    for row in rows:
+        image = Image.open(Path(data_dir) / row["split"] / row["file_name"])
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGBA")
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, image)
+        arrays.append(np.asarray(image.convert("RGB")))
+    sizes = {a.shape for a in arrays}
+    if len(sizes) != 1:
+        raise ValueError(f"images of several sizes in the data: {sorted(sizes)}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def sample_rows(rows: list[dict], n: int, seed: int) -> list[int]:
+    """Indices of a fixed, seeded sample of n rows (all of them when n >= len(rows)), in file order."""
+    if n >= len(rows):
+        return list(range(len(rows)))
+    return sorted(np.random.default_rng(seed).choice(len(rows), n, replace=False).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1]; inf for identical images."""
+    mse = (a.float().clamp(0, 1) - b.float().clamp(0, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse)
+
+
+def features(images: torch.Tensor, size: int = FEATURE_SIZE) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] -> (B, 3 * size * size) thumbnails, each centred on its mean and L2-normalised
+    (the dot product of two is their Pearson correlation)."""
+    thumbs = F.adaptive_avg_pool2d(images.float(), size).flatten(1)  # area downsampling (B, 3*s*s)
+    return F.normalize(thumbs - thumbs.mean(1, keepdim=True), dim=1)
+
+
+def nearest(queries: torch.Tensor, database: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of each query's nearest database vector by cosine; `exclude` (Q, N) bool masks out candidates."""
+    sims = queries @ database.T  # (Q, N)
+    if exclude is not None:
+        sims = sims.masked_fill(exclude, float("-inf"))
+    return sims.argmax(1)
+
+
+def retrieval_scores(neighbours: torch.Tensor, query_rows: list[dict], db_rows: list[dict],
+                     exclude: torch.Tensor | None = None) -> dict:
+    """Top-1 accuracies of a retrieval: emoji (same base name), style, the emoji accuracy on captions without a
+    skin tone, and chance (the emoji accuracy of a uniformly random candidate)."""
+    db_emoji = np.array([r["emoji"] for r in db_rows], dtype=object)
+    hits, style_hits, plain, chance = [], [], [], []
+    for i, (j, row) in enumerate(zip(neighbours.tolist(), query_rows)):
+        hits.append(db_rows[j]["emoji"] == row["emoji"])
+        style_hits.append(db_rows[j]["style"] == row["style"])
+        if not row.get("skin_tone"):
+            plain.append(hits[-1])
+        allowed = np.ones(len(db_rows), bool) if exclude is None else ~exclude[i].numpy()
+        chance.append((db_emoji[allowed] == row["emoji"]).sum() / max(allowed.sum(), 1))
+    return {"n": len(query_rows), "emoji_accuracy": float(np.mean(hits)), "style_accuracy": float(np.mean(style_hits)),
+            "emoji_accuracy_no_skin_tone": float(np.mean(plain)) if plain else None, "n_no_skin_tone": len(plain),
+            "chance": float(np.mean(chance)),
+            "neighbours": [[row["text"], db_rows[j]["text"]] for j, row in zip(neighbours.tolist(), query_rows)]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images from the model
+
+
+@torch.inference_mode()
+def generate(pipe, prompts: list[str], seed: int, guidance_scale: float, temperature, steps: int,
+             batch_size: int) -> torch.Tensor:
+    """(N, 3, H, W) images in [0, 1], one per prompt; one generator seeded once, batches in order."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        images = pipe(prompts[i:i + batch_size], generator=generator, guidance_scale=guidance_scale,
+                      temperature=temperature, num_inference_steps=steps, output_type="np").images
+        out.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float())  # (B, 3, H, W)
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def random_images(pipe, n: int, seed: int, batch_size: int) -> torch.Tensor:
+    """(n, 3, H, W) images decoded from uniformly random token grids of the model's native size."""
+    size = pipe.transformer.config.sample_size
+    codes = pipe.vqvae.config.num_vq_embeddings
+    ids = torch.randint(0, codes, (n, size, size), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([pipe.vqvae.decode(ids[i:i + batch_size].to(pipe.device)).float().cpu()
+                      for i in range(0, n, batch_size)])
+
+
+@torch.inference_mode()
+def reconstruct(pipe, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """VQGAN round trip (encode to ids, decode) of (N, 3, H, W) images in [0, 1]."""
+    vq = pipe.vqvae
+    return torch.cat([vq.decode(vq.encode(images[i:i + batch_size].to(pipe.device, vq.dtype))).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, guidance_scale: float = 3.0,
+             temperature=(1.0, 0.0), steps: int = 12, batch_size: int = 32, log=print) -> dict:
+    """All figures of `amused eval` as a JSON-ready dict (see the module docstring)."""
+    t0 = time.perf_counter()
+    rows = load_rows(data_dir)
+    log(f"loading {len(rows)} real images ({', '.join(STYLES)}; train + held-out) from {data_dir}")
+    images = load_images(data_dir, rows)  # (N, 3, H, W)
+    db = features(images)
+    train_idx = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    held_idx = [i for i, r in enumerate(rows) if r["split"] == "heldout"]
+    train_idx = [train_idx[k] for k in sample_rows([rows[i] for i in train_idx], num_train, seed)]
+    sets = {"train": train_idx, "heldout": held_idx}
+    emoji = np.array([r["emoji"] for r in rows], dtype=object)
+    style = np.array([r["style"] for r in rows], dtype=object)
+
+    results = {"psnr": {}, "retrieval": {}}
+    log("VQGAN reconstruction")
+    for name, idx in sets.items():
+        if idx:
+            values = psnr(reconstruct(pipe, images[idx], batch_size), images[idx])
+            results["psnr"][name] = {"n": len(idx), "psnr_db": float(values.mean())}
+
+    for name, idx in sets.items():
+        if not idx:
+            continue
+        log(f"generating {len(idx)} images for the {name} captions")
+        gen = generate(pipe, [rows[i]["text"] for i in idx], seed, guidance_scale, temperature, steps, batch_size)
+        query_rows = [rows[i] for i in idx]
+        results["retrieval"][f"generated_{name}"] = retrieval_scores(nearest(features(gen), db), query_rows, rows)
+        self_mask = torch.zeros(len(idx), len(rows), dtype=torch.bool)
+        self_mask[torch.arange(len(idx)), torch.tensor(idx)] = True
+        results["retrieval"][f"real_{name}"] = retrieval_scores(nearest(db[idx], db, self_mask), query_rows, rows,
+                                                                self_mask)
+
+    both = train_idx + held_idx
+    both_rows = [rows[i] for i in both]
+    log(f"decoding {len(both)} random token grids")
+    rand = random_images(pipe, len(both), seed, batch_size)
+    results["retrieval"]["random"] = retrieval_scores(nearest(features(rand), db), both_rows, rows)
+    same_drawing = torch.from_numpy((emoji[both][:, None] == emoji[None, :]) & (style[both][:, None] == style[None, :]))
+    results["retrieval"]["real_other_styles"] = retrieval_scores(nearest(db[both], db, same_drawing), both_rows, rows,
+                                                                 same_drawing)
+    space = f"{FEATURE_SIZE}x{FEATURE_SIZE} RGB thumbnail (area), centred on its own mean, L2-normalised; cosine"
+    results["database"] = {"images": len(rows), "styles": list(STYLES), "feature_space": space}
+    results["settings"] = {"num_train": len(train_idx), "num_heldout": len(held_idx), "seed": seed,
+                           "guidance_scale": guidance_scale, "steps": steps, "batch_size": batch_size,
+                           "temperature": list(temperature) if isinstance(temperature, (tuple, list)) else temperature}
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report and sample grid
+
+ROWS = [("generated", "generated_train", "train"), ("generated", "generated_heldout", "held-out"),
+        ("random token grids", "random", "train + held-out"), ("real, itself excluded", "real_train", "train"),
+        ("real, itself excluded", "real_heldout", "held-out"),
+        ("real, own style's drawings excluded", "real_other_styles", "train + held-out")]
+
+
+def format_table(results: dict) -> str:
+    lines = ["VQGAN reconstruction PSNR (mean over images)"]
+    for name, label in (("heldout", "held-out"), ("train", "train sample")):
+        if name in results["psnr"]:
+            r = results["psnr"][name]
+            lines.append(f"  {label:<14}{r['n']:>5} images  {r['psnr_db']:6.2f} dB")
+    db = results["database"]
+    lines += ["", f"Prompt adherence: top-1 retrieval among {db['images']} real images ({db['feature_space']})",
+              f"  {'images':<37}{'captions':<18}{'n':>5}{'emoji':>8}{'(no skin)':>10}{'style':>8}{'chance':>8}"]
+    for images, key, captions in ROWS:
+        r = results["retrieval"].get(key)
+        if r is None:
+            continue
+        plain = f"{r['emoji_accuracy_no_skin_tone']:.1%}" if r["emoji_accuracy_no_skin_tone"] is not None else "-"
+        lines.append(f"  {images:<37}{captions:<18}{r['n']:>5}{r['emoji_accuracy']:>8.1%}{plain:>10}"
+                     f"{r['style_accuracy']:>8.1%}{r['chance']:>8.2%}")
+    return "\n".join(lines)
+
+
+def grid_captions(rows: list[dict], seed: int, per_row: int = 8) -> list[list[dict]]:
+    """Rows of the sample grid: GRID_EMOJI (topped up with seeded others drawn in all three styles in training)
+    in each style, then a seeded row of held-out captions of distinct emoji."""
+    train = {(r["emoji"], r["style"]): r for r in rows if r["split"] == "train" and not r.get("skin_tone")}
+    full = sorted({e for e, _ in train if all((e, s) in train for s in STYLES)})
+    names = [e for e in GRID_EMOJI if e in full]
+    rng = np.random.default_rng(seed)
+    others = [e for e in full if e not in names]
+    names += [others[k] for k in rng.permutation(len(others))[:per_row - len(names)]] if others else []
+    grid = [[train[(e, s)] for e in names[:per_row]] for s in STYLES]
+    held, seen = [], set()
+    for k in rng.permutation(len(rows)).tolist():
+        r = rows[k]
+        if r["split"] == "heldout" and r["emoji"] not in seen and len(held) < per_row:
+            held.append(r)
+            seen.add(r["emoji"])
+    return [g for g in grid + [held] if g]
+
+
+def save_grid(pipe, rows: list[dict], path: str | Path, seed: int, guidance_scale: float, temperature, steps: int,
+              scale: int = 2) -> list[list[str]]:
+    """Generate the sample grid and save it as a PNG: each tile upscaled `scale`x (nearest) over its emoji name
+    and style ("held out" marked). Returns the prompts, row by row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .images import make_image_grid
+
+    layout = grid_captions(rows, seed)
+    flat = [r for row in layout for r in row]
+    images = generate(pipe, [r["text"] for r in flat], seed, guidance_scale, temperature, steps, len(flat))
+    font = ImageFont.load_default(size=11)
+    tiles = []
+    for image, row in zip(images, flat):
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        picture = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+        w = max(picture.width, 150)
+        tile = Image.new("RGB", (w, picture.height + 30), (255, 255, 255))
+        tile.paste(picture, ((w - picture.width) // 2, 0))
+        draw = ImageDraw.Draw(tile)
+        tag = row["style"] + (", held out" if row["split"] == "heldout" else "")
+        if row.get("skin_tone"):
+            tag += ", " + row["skin_tone"].replace(" skin tone", "")
+        for y, text, colour in ((2, row["emoji"], (0, 0, 0)), (16, tag, (110, 110, 110))):
+            text = text.replace(" ", "  ")  # the default font's space is 2 px wide at this size
+            while draw.textlength(text, font=font) > w - 4:
+                text = text[:-2] + "…"
+            draw.text((w // 2, picture.height + y), text, fill=colour, font=font, anchor="ma")
+        tiles.append(tile)
+    cols = max(len(row) for row in layout)
+    padded, k = [], 0  # short rows padded with blank tiles
+    for row in layout:
+        padded += tiles[k:k + len(row)] + [Image.new("RGB", tiles[0].size, (255, 255, 255))] * (cols - len(row))
+        k += len(row)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(padded, rows=len(layout), cols=cols).save(path)
+    return [[r["text"] for r in row] for row in layout]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .cli import load_pipeline
+
+    if args.num_train < 0 or args.batch_size < 1 or args.steps < 1:
+        raise ValueError("--num-train must be >= 0, --batch-size and --steps >= 1")
+    temperature = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
+    rows = load_rows(args.data)  # fail on a missing --data before loading the model
+    quiet = args.quiet or args.json
+
+    def log(message):
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    results = evaluate(pipe, args.data, num_train=args.num_train, seed=args.seed, guidance_scale=args.guidance_scale,
+                       temperature=temperature, steps=args.steps, batch_size=args.batch_size, log=log)
+    results["model"] = args.model or "embedded"
+    results["data"] = str(args.data)
+    if args.grid:
+        log(f"sample grid -> {args.grid}")
+        results["grid"] = {"path": str(args.grid),
+                           "prompts": save_grid(pipe, rows, args.grid, args.seed,
+                                                args.guidance_scale, temperature, args.steps)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps({k: v for k, v in results.items() if k != "retrieval"} | {"retrieval": {
+            k: {m: x for m, x in v.items() if m != "neighbours"} for k, v in results["retrieval"].items()}}))
+    elif not args.quiet:
+        print(format_table(results))
+        print(f"\n{results['seconds']:.0f} s; wrote {args.out}" + (f" and {args.grid}" if args.grid else ""))
+    return 0
+
+
+def add_command(subparsers) -> None:
+    """Register `amused eval` on the main CLI."""
+    from .cli import add_runtime_args
+
+    p = subparsers.add_parser(
+        "eval", help="measure VQGAN PSNR and prompt adherence on the emoji data",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  amused eval                                     # the embedded model on data/emoji, writes eval.json
+  amused eval --num-train 200 --grid docs/images/embedded_grid.png
+  amused eval --model path/to/checkpoint --data data/emoji --out my_eval.json
+""")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
+    p.add_argument("--data", type=Path, default=Path("data/emoji"),
+                   help="output of `amused build-emoji-data` (default: data/emoji)")
+    p.add_argument("--num-train", type=int, default=200, help="training captions sampled (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the caption sample and the generation (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0, 0.0], metavar="T",
+                   help="start [end] of the temperature ramp (default 1 0)")
+    p.add_argument("--steps", type=int, default=12, help="decoding steps (default 12)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--out", type=Path, default=Path("eval.json"), help="results JSON (default eval.json)")
+    p.add_argument("--grid", type=Path, default=None, help="also save a sample grid PNG here")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_eval)
