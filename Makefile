@@ -10,10 +10,15 @@ BIN := $(VENV)/bin
 .PHONY: install generate test clean
 
 $(BIN)/.installed: pyproject.toml
-	@# cairosvg (OpenMoji rasterising, tested) needs the cairo library: install it where we can (root, Debian)
-	@if ! ldconfig -p 2>/dev/null | grep -q libcairo.so.2; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq libcairo2 >/dev/null; \
-	  else echo "note: libcairo2 is missing (sudo apt-get install libcairo2); OpenMoji rendering and its tests need it"; fi; fi
+	@# System packages the tests use: cairo (OpenMoji SVGs) and Chromium + its driver (the demo's browser test).
+	@# Installed where we can (root on Debian); elsewhere, say what to install.
+	@missing=""; ldconfig -p 2>/dev/null | grep -q libcairo.so.2 || missing="libcairo2"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    else echo "note: install $$missing (sudo apt-get install $$missing): the tests need them"; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
