@@ -80,6 +80,7 @@ def test_negative_prompt_cache_gives_same_result(ours):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(height=7, width=8), "multiples of the VQ factor 2"),
     (dict(height=8, width=0), "multiples of the VQ factor"),
+    (dict(height=8, width=6), "multiples of 4 for this model"),
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(num_inference_steps=-3), "num_inference_steps"),
     (dict(guidance_scale=float("nan")), "guidance_scale"),

@@ -191,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.emoji import add_command as add_emoji_data
     from .demo import add_command as add_demo
     from .evaluate import add_command as add_eval
+    from .server import add_command as add_serve
 
     add_bench(sub)
     add_eval(sub)
     add_demo(sub)
+    add_serve(sub)
     add_emoji_data(sub)
     try:
         from .training.cli import add_commands as add_training

@@ -310,6 +310,11 @@ class AmusedPipeline:
                                                                                  temperature)
         self._check_common(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
         self.vqvae.check_size(height, width, "height/width")
+        if self.transformer.config.downsample:  # the U-ViT halves the token grid before its transformer
+            f = self.vae_scale_factor * 2
+            if height % f or width % f:
+                raise ValueError(f"height/width {width}x{height} (width x height) must be multiples of {f} for this "
+                                 f"model (VQ factor {self.vae_scale_factor} x the U-ViT's 2x downsampling)")
         guided = guidance_scale > 1.0
         embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
                                     encoder_hidden_states, negative_prompt_embeds, negative_encoder_hidden_states)

@@ -1,0 +1,405 @@
+"""The FastAPI app: schemas with bounds, the routes, error mapping and the request-size limit.
+
+Every bad input is answered with a JSON body naming the field, never a 500:
+    413 body over the limit; 415 neither JSON nor multipart; 422 a field out of bounds, of the wrong type,
+    an undecodable image or a size that is not a multiple of the model's token size; 400 the pipeline
+    refused the arguments (its ValueError/TypeError message); 503 the queue is full (Retry-After) or the
+    server is stopping; 504 the request's time ran out (dropped if it had not started).
+Error bodies are `{"error": code, "message": text, "detail": ...}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import PIL.Image
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..server import ServerSettings
+from .batcher import Batcher, Job, QueueFull, ShuttingDown
+
+MAX_PROMPT_CHARS = 2000  # far beyond any text encoder's window; longer prompts are cut (and a warning says so)
+MAX_IMAGES = 8
+
+# ----------------------------------------------------------------------------------------------------------
+# Schemas
+# ----------------------------------------------------------------------------------------------------------
+
+Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+class Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="what to draw")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="what to steer away from")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fixes the images (the request then runs "
+                             "unbatched); without one the server picks one and may batch the request")
+    num_inference_steps: int | None = Field(None, ge=1, le=100, description="decoding steps (model default)")
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                         description="classifier-free guidance; > 1 turns it on (model default)")
+    temperature: Temperature | tuple[Temperature, Temperature] | None = Field(
+        None, description="start of the confidence-noise ramp, or [start, end] (model default)")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images for this prompt")
+    response_format: Literal["json", "png"] | None = Field(
+        None, description="'png': the image itself (num_images 1); 'json': base64 PNGs and the settings. "
+                          "Default: PNG if the Accept header prefers image/png, else JSON")
+
+
+Side = Annotated[int, Field(ge=1, le=16384)]
+
+
+class GenerateRequest(Common):
+    height: Side | None = Field(None, description="pixels, a multiple of the model's token size (native)")
+    width: Side | None = Field(None, description="pixels, a multiple of the model's token size (native)")
+
+
+class Img2ImgRequest(Common):
+    image: str = Field(description="the starting image: base64 PNG/JPEG/WebP (a data: URL works too)")
+    strength: float = Field(0.5, gt=0, le=1, allow_inf_nan=False,
+                            description="fraction of the schedule to run, in (0, 1]; 1 regenerates everything")
+    height: Side | None = Field(None, description="resize the image to this height first")
+    width: Side | None = Field(None, description="resize the image to this width first")
+
+
+class InpaintRequest(Common):
+    image: str = Field(description="the image to edit: base64 PNG/JPEG/WebP")
+    mask_image: str = Field(description="same size as image; white where to regenerate")
+    strength: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="fraction of the schedule to run")
+
+
+class Timing(BaseModel):
+    queue_ms: float
+    run_ms: float
+    total_ms: float
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs, settings in their 'amused' text chunk")
+    seed: int | None = Field(description="reproduces these images alone; null when the request was batched")
+    batch_size: int = Field(description="requests that shared the pipeline call")
+    settings: dict[str, Any]
+    timing: Timing
+    warnings: list[str]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+    detail: Any = None
+
+
+ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in [
+    (400, "the pipeline refused the arguments"), (413, "request body too large"),
+    (415, "not JSON or multipart"), (422, "invalid field (named in detail)"),
+    (503, "queue full (Retry-After) or shutting down"), (504, "timed out")]}
+IMAGE_RESPONSE = {200: {"content": {"image/png": {}}, "description": "base64 PNGs as JSON, or one PNG"}}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.error, self.message, self.headers = status, error, message, headers
+
+
+def invalid(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
+
+
+def request_body_doc(model: type[BaseModel], files: tuple[str, ...]) -> dict:
+    """OpenAPI requestBody for routes that take JSON (base64 images) or multipart (uploaded files)."""
+    schema = model.model_json_schema()
+    form = json.loads(json.dumps(schema))
+    for name in files:
+        form["properties"][name] = {"type": "string", "format": "binary", "description": schema["properties"][
+            name].get("description", "")}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "multipart/form-data": {"schema": form}}}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Request-size limit (pure ASGI, so it also stops chunked bodies without a Content-Length)
+# ----------------------------------------------------------------------------------------------------------
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(send)
+        seen, exceeded = 0, False
+
+        async def limited_receive():
+            nonlocal seen, exceeded
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                exceeded = True
+                raise _TooLarge
+            return message
+
+        async def guarded_send(message):  # once over the limit, whatever the app answers is replaced by 413
+            if not exceeded:
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            pass
+        if exceeded:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps({"error": "body_too_large", "message": f"request body over {self.max_bytes} bytes"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The service: request -> Job -> response
+# ----------------------------------------------------------------------------------------------------------
+
+class Service:
+    def __init__(self, pipe, settings: ServerSettings):
+        self.pipe, self.settings = pipe, settings
+        self.batcher = Batcher(pipe, settings.max_batch, settings.batch_window_ms, settings.max_queue)
+        factor = pipe.vae_scale_factor
+        # A U-ViT that downsamples 2x needs an even token grid, else its shapes break (a 500, not a 400).
+        self.multiple = factor * (2 if getattr(pipe.transformer.config, "downsample", False) else 1)
+        self.native = pipe.transformer.config.sample_size * factor
+
+    def check_side(self, value: int, field: str) -> int:
+        if value % self.multiple or value > self.settings.max_side:
+            raise invalid(field, f"{field} must be a multiple of {self.multiple} and at most "
+                                 f"{self.settings.max_side} pixels, got {value}")
+        return value
+
+    def decode_image(self, data: str, field: str, mode: str | None) -> PIL.Image.Image:
+        """base64 (or data: URL) -> PIL image; the size is checked before the pixels are decoded."""
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise invalid(field, f"{field} is not valid base64: {e}") from None
+        try:
+            image = PIL.Image.open(io.BytesIO(raw))
+            if max(image.size) > self.settings.max_side:
+                raise invalid(field, f"{field} is {image.width}x{image.height}; the limit is "
+                                     f"{self.settings.max_side} pixels a side")
+            image.load()
+            return image if mode is None else image.convert(mode)
+        except RequestValidationError:
+            raise
+        except Exception as e:  # noqa: BLE001 (PIL raises many kinds for corrupt files)
+            raise invalid(field, f"{field} is not a readable image: {e}") from None
+
+    def wants_png(self, body: Common, request: Request) -> bool:
+        fmt = body.response_format
+        if fmt is None:
+            kinds = [t.split(";")[0].strip().lower() for t in request.headers.get("accept", "").split(",")]
+            png = "image/png" in kinds and ("application/json" not in kinds
+                                            or kinds.index("image/png") < kinds.index("application/json"))
+            fmt = "png" if png else "json"
+        if fmt == "png" and body.num_images > 1:
+            raise invalid("num_images", "a PNG response holds one image; ask for JSON (response_format 'json') "
+                                        "to get several")
+        return fmt == "png"
+
+    async def prepare(self, task: str, body: Common) -> tuple[dict[str, Any], Any, Any]:
+        """Resolved, checked settings of a request (model defaults filled in), and its decoded images."""
+        steps, guidance, temperature = self.pipe.resolve_defaults(body.num_inference_steps, body.guidance_scale,
+                                                                  body.temperature)
+        options: dict[str, Any] = {"num_inference_steps": int(steps), "guidance_scale": float(guidance),
+                                   "temperature": tuple(map(float, temperature)) if isinstance(
+                                       temperature, (tuple, list)) else float(temperature)}
+        if task == "text":
+            options["height"] = self.check_side(body.height or self.native, "height")
+            options["width"] = self.check_side(body.width or self.native, "width")
+            return options, None, None
+        # Alpha is left in: the pipeline flattens it onto white.
+        image = await asyncio.to_thread(self.decode_image, body.image, "image", None)
+        options["strength"] = body.strength
+        # img2img resizes the image to height/width when given; inpainting keeps the image's size.
+        height, width = getattr(body, "height", None), getattr(body, "width", None)
+        options["height"] = self.check_side(height, "height") if height else self.check_side(image.height, "image")
+        options["width"] = self.check_side(width, "width") if width else self.check_side(image.width, "image")
+        mask = None
+        if task == "inpaint":
+            mask = await asyncio.to_thread(self.decode_image, body.mask_image, "mask_image", "L")
+            if mask.size != image.size:
+                raise invalid("mask_image", f"mask_image is {mask.width}x{mask.height} but image is "
+                                            f"{image.width}x{image.height}; they must match")
+        return options, image, mask
+
+    async def handle(self, task: str, body: Common, request: Request) -> Response:
+        t0 = time.monotonic()
+        png = self.wants_png(body, request)
+        options, image, mask = await self.prepare(task, body)
+        settings = {"task": task, "model": self.settings.model_name, "prompt": body.prompt,
+                    "negative_prompt": body.negative_prompt or "", "num_images": body.num_images, **options}
+        metadata = {k: settings[k] for k in ("task", "model", "prompt", "negative_prompt", "guidance_scale",
+                                             "temperature", "height", "width")}
+        metadata["steps"] = options["num_inference_steps"]  # the key `amused generate` writes
+        loop = asyncio.get_running_loop()
+        job = Job(task, body.prompt, body.negative_prompt or "", body.num_images, body.seed, options,
+                  deadline=t0 + self.settings.timeout_s, future=loop.create_future(), loop=loop, image=image,
+                  mask_image=mask, metadata=metadata)
+        try:
+            self.batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(503, "queue_full", str(e), {"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown as e:
+            raise ApiError(503, "shutting_down", str(e), {"Retry-After": "5"}) from None
+        try:
+            result = await asyncio.wait_for(job.future, max(0.0, job.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.batcher.abandon(job)
+            raise ApiError(504, "timeout", f"no result within {self.settings.timeout_s:g} s "
+                                           f"(queue depth {self.batcher.depth})") from None
+        except asyncio.CancelledError:  # the client went away: don't run its work
+            self.batcher.abandon(job)
+            raise
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, "invalid_argument", str(e)) from None
+        except ShuttingDown as e:
+            raise ApiError(503, "shutting_down", str(e), {"Retry-After": "5"}) from None
+        except Exception as e:  # noqa: BLE001
+            raise ApiError(500, "internal_error", f"{type(e).__name__}: {e}") from None
+        total_ms = (time.monotonic() - t0) * 1000
+        if png:
+            headers = {"X-Amused-Seed": "none" if result.seed is None else str(result.seed),
+                       "X-Amused-Batch-Size": str(result.batch_size), "X-Amused-Time-Ms": f"{total_ms:.1f}"}
+            if result.warnings:
+                headers["X-Amused-Warnings"] = "; ".join(result.warnings)
+            return Response(result.pngs[0], media_type="image/png", headers=headers)
+        return JSONResponse({
+            "images": [base64.b64encode(p).decode() for p in result.pngs], "seed": result.seed,
+            "batch_size": result.batch_size, "settings": settings, "warnings": result.warnings,
+            "timing": {"queue_ms": round(result.queue_s * 1000, 1), "run_ms": round(result.run_s * 1000, 1),
+                       "total_ms": round(total_ms, 1)}})
+
+    async def parse(self, request: Request, model: type[Common], files: tuple[str, ...]) -> Common:
+        """JSON (images as base64) or multipart/form-data (images as files) -> the validated model."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            try:
+                form = await request.form(max_files=len(files), max_fields=32,
+                                          max_part_size=self.settings.max_body_bytes)
+            except Exception as e:  # noqa: BLE001 (malformed multipart)
+                raise RequestValidationError([{"loc": ("body",), "msg": f"malformed multipart body: {e}",
+                                               "type": "multipart_invalid"}]) from None
+            data: dict[str, Any] = {}
+            for key, value in form.multi_items():
+                if hasattr(value, "read"):  # an uploaded file
+                    if key not in files:
+                        raise invalid(key, f"{key} cannot be a file; file fields: {list(files)}")
+                    data[key] = base64.b64encode(await value.read()).decode()
+                elif key == "temperature" and value.strip().startswith("["):
+                    data[key] = _json_or_raw(value)
+                else:
+                    data[key] = value
+        elif ctype in ("application/json", ""):
+            try:
+                data = json.loads(await request.body())
+            except ValueError as e:
+                raise RequestValidationError([{"loc": ("body",), "msg": f"invalid JSON: {e}",
+                                               "type": "json_invalid"}]) from None
+        else:
+            raise ApiError(415, "unsupported_media_type", f"send application/json or multipart/form-data, "
+                                                           f"not {ctype}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+def _json_or_raw(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------------------
+
+def build_app(pipe, settings: ServerSettings) -> FastAPI:
+    service = Service(pipe, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.batcher.start()
+        yield
+        await asyncio.to_thread(service.batcher.stop)
+
+    app = FastAPI(title="amused", version=_version(), lifespan=lifespan,
+                  description="aMUSEd text-to-image, img2img and inpainting, with dynamic batching. "
+                              "See docs/http_api.md.")
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse({"error": exc.error, "message": exc.message}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        message = "; ".join(f"{'.'.join(map(str, d['loc'][1:])) or 'body'}: {d['msg']}" for d in detail)
+        return JSONResponse({"error": "invalid_request", "message": message, "detail": detail}, 422)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses={**IMAGE_RESPONSE, **ERRORS},
+              summary="text to image")
+    async def generate(body: GenerateRequest, request: Request):
+        return await service.handle("text", body, request)
+
+    @app.post("/v1/img2img", response_model=GenerateResponse, responses={**IMAGE_RESPONSE, **ERRORS},
+              openapi_extra=request_body_doc(Img2ImgRequest, ("image",)), summary="image to image")
+    async def img2img(request: Request):
+        return await service.handle("img2img", await service.parse(request, Img2ImgRequest, ("image",)), request)
+
+    @app.post("/v1/inpaint", response_model=GenerateResponse, responses={**IMAGE_RESPONSE, **ERRORS},
+              openapi_extra=request_body_doc(InpaintRequest, ("image", "mask_image")), summary="inpainting")
+    async def inpaint(request: Request):
+        body = await service.parse(request, InpaintRequest, ("image", "mask_image"))
+        return await service.handle("inpaint", body, request)
+
+    @app.get("/health", summary="liveness, queue depth, device")
+    async def health():
+        b = service.batcher
+        body = {"status": "ok" if b.alive else "down", "model_loaded": True, "model": settings.model_name,
+                "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."),
+                "queue_depth": b.depth, "running": len(b.running), "max_queue": settings.max_queue,
+                "max_batch": settings.max_batch, "batch_window_ms": settings.batch_window_ms,
+                "size_multiple": service.multiple, "native_size": service.native, "stats": dict(b.stats)}
+        return JSONResponse(body, 200 if b.alive else 503)
+
+    return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
