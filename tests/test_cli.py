@@ -70,3 +70,21 @@ def test_embedded_model_is_the_default(tmp_path):
     assert image.size == (64, 64)
     meta = json.loads(image.info["amused"])
     assert meta["model"] == "embedded" and meta["guidance_scale"] == 3.0  # the checkpoint's generation_config
+
+
+def test_img2img_inpaint_and_variations_commands(ref_dir, tmp_path, capsys):
+    src = tmp_path / "src.png"
+    assert main(["generate", "a cat", "--model", str(ref_dir), "--out", str(src), "--height", "16", "--width", "16",
+                 "--device", "cpu", "--quiet"]) == 0
+    common = ["--model", str(ref_dir), "--device", "cpu", "--quiet"]
+    assert main(["inpaint", str(src), "a dog", "--rect", "0", "0", "8", "8", "--out", str(tmp_path / "i.png")] + common) == 0
+    before, after = np.asarray(PIL.Image.open(src)), np.asarray(PIL.Image.open(tmp_path / "i.png"))
+    assert before.shape == after.shape == (16, 16, 3)
+    assert main(["variations", str(src), "--num-images", "2", "--out", str(tmp_path / "v.png"), "--grid",
+                 str(tmp_path / "g.png")] + common) == 0
+    assert json.loads(PIL.Image.open(tmp_path / "v_1.png").info["amused"])["prompt"] == "a cat"  # recorded prompt
+    assert main(["img2img", str(src), "a fish", "--strength", "1.5", "--out", str(tmp_path / "x.png")] + common) == 2
+    assert "strength" in capsys.readouterr().err
+    assert main(["inpaint", str(src), "a dog", "--rect", "0", "0", "99", "8", "--out", str(tmp_path / "y.png")]
+                + common) == 2
+    assert "--rect 0 0 99 8" in capsys.readouterr().err

@@ -35,6 +35,9 @@ def load_pipeline(model: str | None, device: str, dtype: str, cls_name: str = "A
 
     import amused
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, DTYPES[dtype]) if dtype != "auto" else (
@@ -176,6 +179,104 @@ def add_generate(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    """img2img, inpaint and variations: an input image, a prompt, several seeds."""
+    import torch
+    from PIL import Image
+
+    from .images import load_image, make_image_grid, save_image
+
+    source = load_image(args.image)
+    prompt = args.prompt
+    if prompt is None:  # variations (or no prompt given): reuse the prompt recorded in the PNG, else none
+        recorded = json.loads(source.info.get("amused", "{}") or "{}")
+        prompt = recorded.get("prompt", "")
+    cls = {"img2img": "AmusedImg2ImgPipeline", "variations": "AmusedImg2ImgPipeline",
+           "inpaint": "AmusedInpaintPipeline"}[args.command]
+    kwargs = sampling_kwargs(args)
+    kwargs.pop("height"), kwargs.pop("width")
+    if args.width or args.height:
+        source = source.resize((args.width or source.width, args.height or source.height), Image.LANCZOS)
+    if args.command == "inpaint":
+        kwargs["mask_image"] = _mask(args, source.size)  # checked before the model loads
+    else:
+        kwargs["strength"] = args.strength
+    pipe = load_pipeline(args.model, args.device, args.dtype, cls)
+    images = []
+    for i in range(args.num_images):
+        out = pipe(prompt, image=source.convert("RGB"), generator=torch.Generator("cpu").manual_seed(args.seed + i),
+                   **kwargs).images[0]
+        images.append(out)
+    paths = [args.out] if args.num_images == 1 else [
+        args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(args.num_images)]
+    for i, (path, image) in enumerate(zip(paths, images)):
+        save_image(image, path, {"task": args.command, "prompt": prompt, "seed": args.seed + i,
+                                 "source": str(args.image), "strength": kwargs.get("strength")})
+    if args.grid:
+        save_image(make_image_grid([source.convert("RGB").resize(images[0].size)] + images), args.grid)
+    if args.json:
+        print(json.dumps({"images": [str(p) for p in paths], "prompt": prompt}))
+    elif not args.quiet:
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _mask(args: argparse.Namespace, size: tuple[int, int]):
+    """The inpainting mask: a mask image, or a rectangle given on the command line (white = regenerate)."""
+    from PIL import Image
+
+    from .images import load_image
+
+    if (args.mask is None) == (args.rect is None):
+        raise ValueError("inpaint needs exactly one of --mask FILE or --rect X0 Y0 X1 Y1")
+    if args.mask is not None:
+        return load_image(args.mask).convert("L")
+    x0, y0, x1, y1 = args.rect
+    if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]):
+        raise ValueError(f"--rect {x0} {y0} {x1} {y1} must satisfy 0 <= x0 < x1 <= {size[0]} and "
+                         f"0 <= y0 < y1 <= {size[1]} (the image is {size[0]}x{size[1]})")
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (x0, y0, x1, y1))
+    return mask
+
+
+def add_edit_commands(subparsers) -> None:
+    specs = {
+        "img2img": ("re-generate part of an image's tokens from a prompt",
+                    'amused img2img apple.png "green apple, google style" --strength 0.5 --out green.png'),
+        "inpaint": ("re-generate the tokens under a mask (image, or --rect)",
+                    'amused inpaint face.png "face with tears of joy, google style" --rect 16 32 48 56 --out joy.png'),
+        "variations": ("several img2img variations of an image, with its recorded prompt",
+                       "amused variations apple.png --num-images 4 --strength 0.4 --out var.png --grid var_grid.png"),
+    }
+    for name, (help_text, example) in specs.items():
+        p = subparsers.add_parser(name, help=help_text, epilog=f"example:\n  {example}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("image", type=Path, help="input image")
+        p.add_argument("prompt", nargs="?", default=None,
+                       help="what to draw" + (" (default: the PNG's recorded prompt)" if name == "variations" else ""))
+        if name == "inpaint":
+            p.add_argument("--mask", type=Path, default=None, help="mask image, white where to regenerate")
+            p.add_argument("--rect", type=int, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
+                           help="regenerate this pixel rectangle instead of a mask image")
+        else:
+            p.add_argument("--strength", type=float, default=0.5 if name == "img2img" else 0.4,
+                           help="fraction of the schedule to run, in (0, 1]")
+        p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
+        p.add_argument("--out", type=Path, default=Path(f"{name}.png"), help="output PNG")
+        p.add_argument("--num-images", type=int, default=1, help="images, seeds seed..seed+n-1")
+        p.add_argument("--grid", type=Path, default=None, help="also write input + outputs as one grid PNG")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--negative-prompt", default=None)
+        p.add_argument("--steps", type=int, default=None)
+        p.add_argument("--guidance-scale", type=float, default=None)
+        p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T")
+        p.add_argument("--height", type=int, default=None, help="resize the input first")
+        p.add_argument("--width", type=int, default=None, help="resize the input first")
+        add_runtime_args(p)
+        p.set_defaults(func=cmd_edit)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (default: fp16 on GPU)")
@@ -187,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amused", description="aMUSEd masked-token text-to-image generation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
+    add_edit_commands(sub)
     from .bench import add_command as add_bench
     from .data.emoji import add_command as add_emoji_data
     from .demo import add_command as add_demo
