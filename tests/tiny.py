@@ -6,7 +6,6 @@ in milliseconds. The CLIP tokenizer is a character-level BPE vocabulary written 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

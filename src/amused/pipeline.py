@@ -416,7 +416,7 @@ class AmusedPipeline:
         self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype, fuse=fuse)
         return self
 
-    def _image_tokens(self, image: torch.Tensor, generator) -> torch.Tensor:
+    def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, h, w) token ids."""
         return self.vqvae.encode(image.to(self.device, self.vqvae.dtype))
 
@@ -553,7 +553,7 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
 
         def tokens_fn(batch, h, w):
             with torch.inference_mode():
-                tokens = self._image_tokens(pixels, generator)  # (Bi, h, w)
+                tokens = self._image_tokens(pixels)  # (Bi, h, w)
             if start_step > 0:
                 ratio = sampling.mask_ratios(num_inference_steps, schedule)[start_step - 1]
                 draw = torch.rand(tokens.shape, generator=generator,
@@ -618,7 +618,7 @@ class AmusedInpaintPipeline(AmusedPipeline):
 
         def tokens_fn(batch, h, w):
             with torch.inference_mode():
-                tokens = self._image_tokens(pixels, generator)  # (Bi, h, w)
+                tokens = self._image_tokens(pixels)  # (Bi, h, w)
             n = max(tokens.shape[0], mask.shape[0])
             tokens = _broadcast(tokens, n, "image")
             region = _broadcast(mask.to(tokens.device), n, "mask_image")
