@@ -301,6 +301,15 @@ class AmusedPipeline:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
 
+    def check_size(self, height: int, width: int, name: str) -> None:
+        """Refuse pixel sizes the VQ-GAN and the U-ViT cannot tile; `name` is the argument the size came from."""
+        self.vqvae.check_size(height, width, name)
+        if self.transformer.config.downsample:  # the U-ViT halves the token grid before its transformer
+            f = self.vae_scale_factor * 2
+            if height % f or width % f:
+                raise ValueError(f"{name} {width}x{height} (width x height) must be multiples of {f} for this "
+                                 f"model (VQ factor {self.vae_scale_factor} x the U-ViT's 2x downsampling)")
+
     @torch.inference_mode()
     def _generate(self, *, prompt, negative_prompt, tokens_fn, height, width, num_inference_steps, guidance_scale,
                   num_images_per_prompt, generator, prompt_embeds, encoder_hidden_states, negative_prompt_embeds,
@@ -309,12 +318,7 @@ class AmusedPipeline:
         num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps, guidance_scale,
                                                                                  temperature)
         self._check_common(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
-        self.vqvae.check_size(height, width, "height/width")
-        if self.transformer.config.downsample:  # the U-ViT halves the token grid before its transformer
-            f = self.vae_scale_factor * 2
-            if height % f or width % f:
-                raise ValueError(f"height/width {width}x{height} (width x height) must be multiples of {f} for this "
-                                 f"model (VQ factor {self.vae_scale_factor} x the U-ViT's 2x downsampling)")
+        self.check_size(height, width, "height/width")
         guided = guidance_scale > 1.0
         embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
                                     encoder_hidden_states, negative_prompt_embeds, negative_encoder_hidden_states)
@@ -500,6 +504,8 @@ def _draw_for(generator: torch.Generator | None, device: torch.device) -> str:
 
 
 def _start_step(num_inference_steps: int, strength: float) -> int:
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:  # checked before it is used here
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
     if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     steps = int(num_inference_steps * strength)
@@ -548,7 +554,7 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
         if height is not None or width is not None:
             image = resize(image, height or image_size(image)[0], width or image_size(image)[1])
         pixels = preprocess_image(image, "image")
-        self.vqvae.check_size(pixels.shape[-2], pixels.shape[-1], "image")
+        self.check_size(pixels.shape[-2], pixels.shape[-1], "image")
         height, width = pixels.shape[-2:]
 
         def tokens_fn(batch, h, w):
@@ -608,7 +614,7 @@ class AmusedInpaintPipeline(AmusedPipeline):
         start_step = _start_step(num_inference_steps, strength)
         pixels = preprocess_image(image, "image")
         height, width = pixels.shape[-2:]
-        self.vqvae.check_size(height, width, "image")
+        self.check_size(height, width, "image")
         mask_h, mask_w = image_size(mask_image, "mask_image")
         if (mask_h, mask_w) != (height, width):
             raise ValueError(f"mask_image is {mask_w}x{mask_h} but image is {width}x{height} (width x height); "

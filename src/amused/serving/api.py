@@ -17,6 +17,7 @@ import io
 import json
 import time
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 import PIL.Image
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from ..server import ServerSettings
 from .batcher import Batcher, Job, QueueFull, ShuttingDown
@@ -362,6 +364,11 @@ def build_app(pipe, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return JSONResponse({"error": exc.error, "message": exc.message}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)  # routing's own 404/405: the same JSON shape as every other error
+    async def http_error(request: Request, exc: HTTPException):
+        error = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        return JSONResponse({"error": error, "message": str(exc.detail)}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

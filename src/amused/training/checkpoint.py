@@ -141,3 +141,17 @@ def truncate_log(path: str | Path, step: int) -> None:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def resume_state(accelerator, out: Path, resume_from: str | None, main: bool) -> dict:
+    """The training position to start from: fresh, or restored from a checkpoint (logs cut back to its step,
+    so a resumed run does not log the lost steps twice)."""
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    resume = resolve_resume(out, resume_from)
+    if resume is not None:
+        state.update(load_checkpoint(accelerator, resume))
+        accelerator.print(f"resumed from {resume} at step {state['step']}")
+        if main:
+            for log_file in (out / "logs").glob("*.jsonl"):
+                truncate_log(log_file, state["step"])
+    return state

@@ -216,14 +216,7 @@ def run(args, mode: str) -> Path:
               args.ema_update_after_step) if args.use_ema else None
     accelerator.register_for_checkpointing(scheduler, *([optimizer] if args.fused_optimizer_step else []),
                                            *([ema] if ema else []))
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    resume = ckpt.resolve_resume(out, args.resume_from_checkpoint)
-    if resume is not None:
-        state.update(ckpt.load_checkpoint(accelerator, resume))
-        accelerator.print(f"resumed from {resume} at step {state['step']}")
-        if main:
-            for log_file in (out / "logs").glob("*.jsonl"):
-                ckpt.truncate_log(log_file, state["step"])
+    state = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main)
     if main:
         (out / "logs").mkdir(exist_ok=True)
         if args.report_to == "tensorboard":

@@ -202,14 +202,7 @@ def run(args) -> dict[str, float]:
     accelerator.register_for_checkpointing(scheduler)
     vq = accelerator.unwrap_model(model).vq
     K = vq.config.num_vq_embeddings
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    resume = ckpt.resolve_resume(out, args.resume_from_checkpoint)
-    if resume is not None:
-        state.update(ckpt.load_checkpoint(accelerator, resume))
-        accelerator.print(f"resumed from {resume} at step {state['step']}")
-        if main:
-            for log_file in (out / "logs").glob("*.jsonl"):
-                ckpt.truncate_log(log_file, state["step"])
+    state = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main)
     eval_loader = DataLoader(held_out, batch_size=args.train_batch_size) if held_out is not None else None
     if eval_loader is not None and state["step"] == 0:
         write_log(accelerator, out, 0, evaluate(vq, eval_loader, device), None, "eval_log")
