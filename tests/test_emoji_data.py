@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import shutil
+
 from amused.data import emoji as E
+from amused.data.emoji import build as emoji_build
+from amused.data.emoji import cli as emoji_cli
+from amused.data.emoji import sources as emoji_sources
 
 WHITE = (255, 255, 255)
 GARBAGE = (250, 0, 250)  # colour hidden under fully transparent pixels
@@ -366,7 +371,7 @@ def test_verify_integrity(tmp_path):
 
 
 def test_fetch_package_reuses_verified_cache_and_drops_corrupt_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(E.shutil, "which", lambda name: None)  # any npm call would fail
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # any npm call would fail
     package = E.NpmPackage("fake-emoji", "1.0.0", integrity_of(b"tarball"))
     cached = tmp_path / package.tarball
     cached.write_bytes(b"tarball")
@@ -420,9 +425,10 @@ def test_build_emoji_dataset_offline_from_cached_tarballs(tmp_path, monkeypatch,
     openmoji = E.NpmPackage(
         "fake-openmoji", "1.0.0", integrity_of(make_tgz(cache / "fake-openmoji-1.0.0.tgz", files))
     )
-    monkeypatch.setattr(E, "DATASOURCE_PACKAGES", packages)
-    monkeypatch.setattr(E, "OPENMOJI_PACKAGE", openmoji)
-    monkeypatch.setattr(E.shutil, "which", lambda name: None)  # no npm: the cache must suffice
+    monkeypatch.setattr(emoji_sources, "DATASOURCE_PACKAGES", packages)
+    monkeypatch.setattr(emoji_sources, "OPENMOJI_PACKAGE", openmoji)
+    monkeypatch.setattr(emoji_build, "OPENMOJI_PACKAGE", openmoji)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no npm: the cache must suffice
 
     out = tmp_path / "emoji"
     summary = E.build_emoji_dataset(
@@ -440,7 +446,7 @@ def test_build_emoji_dataset_offline_from_cached_tarballs(tmp_path, monkeypatch,
 
 def test_main_passes_arguments(monkeypatch):
     calls = []
-    monkeypatch.setattr(E, "build_emoji_dataset", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(emoji_cli, "build_emoji_dataset", lambda *a, **k: calls.append((a, k)))
     assert (
         E.main(
             [

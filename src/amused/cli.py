@@ -78,6 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import make_image_grid, save_image
+    from .loading import clean_stale_temps
 
     if args.from_image:
         return regenerate(args)
@@ -87,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = [p for p in prompts for _ in range(args.num_images)]
     single = len(jobs) == 1 and args.out_dir is None
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.out).parent
+    clean_stale_temps(out_dir)  # temp files a killed earlier run left (the images themselves are never partial)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     if args.lora:
         pipe.load_lora_weights(args.lora, scale=args.lora_scale)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,11 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename over `path`, so readers never see a partial file."""
+    """Call `write(tmp_path)` then rename over `path`, so readers never see a partial file. The temp file,
+    `.NAME.PID.RANDOM.tmp` beside `path`, names its writer, so `clean_stale_temps` can remove it after a
+    SIGKILL without touching a live writer's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -181,6 +184,39 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Delete `atomic_write` temp files in `folder` whose writing process is gone (killed mid-write).
+
+    Returns:
+        The deleted paths.
+    """
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.tmp"):
+        m = _TEMP_NAME.match(p.name)
+        if m is None or not p.is_file() or _alive(int(m["pid"])):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists (another user's) or unknowable: keep the file
+    return True
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

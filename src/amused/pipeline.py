@@ -673,7 +673,7 @@ def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | N
     try:
         model = model_cls.from_pretrained(root / "text_encoder", **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: config and weights disagree in shape
         raise CheckpointError(f"cannot load the text encoder or tokenizer under {root}: {e}") from e
     return tokenizer, model.eval()
 
