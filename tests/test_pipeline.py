@@ -36,6 +36,7 @@ def test_fp16_variant_and_dtype(ours, tmp_path):
     assert pipe.vqvae.dtype == torch.float32  # force_upcast: the VQ decoder overflows in fp16
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
         AmusedPipeline.from_pretrained(tmp_path / "v")  # no plain file in a variant-only folder: named
+    assert AmusedPipeline.from_pretrained(tmp_path / "v", variant="fp16").transformer.dtype == torch.float32
 
 
 @pytest.mark.parametrize("output_type,check", [

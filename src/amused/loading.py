@@ -165,8 +165,8 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config gives "
                                   f"{tuple(expected[key].shape)}")
-        if dtype is not None and tensor.is_floating_point():
-            state[key] = tensor.to(dtype)
+        if tensor.is_floating_point():  # as diffusers: float32 unless torch_dtype says otherwise, whatever the file
+            state[key] = tensor.to(dtype or torch.get_default_dtype())
     model.load_state_dict(state, assign=True)
     return model.eval()
 
