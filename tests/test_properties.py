@@ -2,8 +2,9 @@
 
 The property: every call either returns images of the requested shape and dtype, in range and free of NaN, or
 raises ValueError/TypeError whose message names an argument that was given a bad value. Never another exception
-type, never a silently wrong result. The tiny model has VQ factor 2 and a downsampling U-ViT, so sizes must be
-multiples of 4; its native size is 8x8.
+type, never a silently wrong result. The same for `amused generate`'s flags (exit 2 and one line naming the flag).
+Also: determinism for a fixed seed, truncation warnings, and the reduced-precision NaN guard. The tiny model has
+VQ factor 2 and a downsampling U-ViT, so sizes must be multiples of 4; its native size is 8x8.
 """
 
 import math
@@ -20,13 +21,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 from amused import AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline  # noqa: E402
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 def arg(valid, bad):
     """(value, is_bad) pairs, bad about one time in eight, so that most calls have every argument valid or
     exactly one bad (the message must then name that one)."""
-    return st.integers(0, 7).flatmap(lambda r: bad.map(lambda v: (v, True)) if r == 0 else
+    return st.integers(0, 7).flatmap(lambda r: bad.map(lambda v: (v, True)) if r == 7 else
                                      valid.map(lambda v: (v, False)))
 
 
@@ -72,6 +73,13 @@ def check_images(images, output_type: str, batch: int, height: int, width: int) 
         assert images.min() >= 0 and images.max() < 16  # real codes, no mask token left
 
 
+def _event(name: str) -> None:
+    try:
+        event(name)
+    except hypothesis.errors.InvalidArgument:  # called from a plain (parametrized) test
+        pass
+
+
 def call_and_check(fn, args: dict, bad: set[str], expected_shape) -> None:
     """Run fn(**values); a failure must be ValueError/TypeError naming a bad argument, success needs none bad."""
     values = {k: v for k, (v, _) in args.items()}
@@ -83,11 +91,11 @@ def call_and_check(fn, args: dict, bad: set[str], expected_shape) -> None:
         msg = str(e)
         assert bad, f"valid arguments {values!r} were refused: {msg}"
         assert any(name in msg for name in _aliases(bad)), f"{msg!r} names none of the bad arguments {bad}"
-        event("refused")
+        _event("refused")
         return
     assert not bad, f"bad arguments {bad} accepted: {values!r}"
     check_images(out.images, values["output_type"], *expected_shape(values))
-    event("generated")
+    _event("generated")
 
 
 def _aliases(bad: set[str]) -> set[str]:
@@ -109,28 +117,39 @@ def test_text_to_image_returns_valid_images_or_names_the_bad_argument(pipes, **a
 IMAGE_SIZES = st.sampled_from([(8, 8), (8, 16), (16, 8)] * 3 + [(6, 8), (7, 9)])
 
 
+IMAGE_KINDS = {"pil": False, "np": False, "pt": False, "pt_batch": False, "u8": False, "f64": False, "f16": False,
+               "bool": False, "nan": True, "range": True, "channels": True, "str": True, "complex": True,
+               "strarray": True, "meta": True}  # kind: is_bad
+
+
+def make_image(kind: str, height: int, width: int, seed: int = 0):
+    """An image of the given size in one accepted form, or a malformed one (value, is_bad)."""
+    pixels = np.random.default_rng(seed).random((height, width, 3), dtype=np.float32)
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    value = {
+        "pil": lambda: PIL.Image.fromarray((pixels * 255).astype(np.uint8)),
+        "np": lambda: pixels,
+        "pt": lambda: chw,
+        "pt_batch": lambda: chw[None],
+        "u8": lambda: (chw * 255).to(torch.uint8),  # uint8 is read as 0..255
+        "f64": lambda: pixels.astype(np.float64),
+        "f16": lambda: chw.half(),
+        "bool": lambda: chw > 0.5,
+        "nan": lambda: np.where(np.arange(pixels.size).reshape(pixels.shape) == 0, np.nan, pixels),
+        "range": lambda: pixels * 3 - 1,
+        "channels": lambda: torch.rand(1, 5, height, width),
+        "str": lambda: "image.png",
+        "complex": lambda: chw.to(torch.complex64),
+        "strarray": lambda: np.full((height, width, 3), "x"),
+        "meta": lambda: torch.empty(3, height, width, device="meta"),
+    }[kind]()
+    return value, IMAGE_KINDS[kind]
+
+
 @st.composite
 def image_inputs(draw, height: int, width: int):
-    """An image of the given size in one of the accepted forms, or a malformed one (value, is_bad)."""
-    kind = draw(st.sampled_from(["pil", "np", "pt", "pt_batch"] * 3 + ["nan", "range", "channels", "str"]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    pixels = rng.random((height, width, 3), dtype=np.float32)
-    if kind == "pil":
-        return PIL.Image.fromarray((pixels * 255).astype(np.uint8)), False
-    if kind == "np":
-        return pixels, False
-    if kind == "pt":
-        return torch.from_numpy(pixels).permute(2, 0, 1), False
-    if kind == "pt_batch":
-        return torch.from_numpy(pixels).permute(2, 0, 1)[None], False
-    if kind == "nan":
-        pixels[0, 0, 0] = np.nan
-        return pixels, True
-    if kind == "range":
-        return pixels * 3 - 1, True
-    if kind == "channels":
-        return torch.rand(1, 5, height, width), True
-    return "image.png", True
+    kinds = [k for k, bad in IMAGE_KINDS.items() if not bad] * 2 + [k for k, bad in IMAGE_KINDS.items() if bad]
+    return make_image(draw(st.sampled_from(kinds)), height, width, draw(st.integers(0, 2**16)))
 
 
 @SETTINGS
@@ -150,23 +169,35 @@ def test_img2img_returns_valid_images_or_names_the_bad_argument(pipes, data, siz
                    lambda v: (n_prompts(v["prompt"]) * v["num_images_per_prompt"], h, w))
 
 
-@st.composite
-def masks(draw, height: int, width: int):
-    """A mask in one of the accepted forms/modes, or a wrong-sized/empty/malformed one (value, is_bad)."""
-    kind = draw(st.sampled_from(["L", "1", "RGB", "np", "pt"] * 2 + ["wrong_size", "empty", "str"]))
+MASK_KINDS = {"L": False, "1": False, "RGB": False, "np": False, "pt": False, "bool": False, "u8": False,
+              "wrong_size": True, "empty": True, "str": True, "complex": True, "meta": True}
+
+
+def make_mask(kind: str, height: int, width: int):
+    """A mask covering the top-left quarter-plus in one accepted form/mode, or a bad one (value, is_bad)."""
     area = np.zeros((height, width), dtype=np.float32)
     area[: height // 2 + 1, : width // 2 + 1] = 1.0
-    if kind in ("L", "1", "RGB"):
-        return PIL.Image.fromarray((area * 255).astype(np.uint8)).convert(kind), False
-    if kind == "np":
-        return area, False
-    if kind == "pt":
-        return torch.from_numpy(area)[None], False
-    if kind == "wrong_size":
-        return PIL.Image.new("L", (width + 4, height), 255), True
-    if kind == "empty":
-        return PIL.Image.new("L", (width, height), 0), True
-    return 42, True
+    value = {
+        "L": lambda: PIL.Image.fromarray((area * 255).astype(np.uint8)),
+        "1": lambda: PIL.Image.fromarray((area * 255).astype(np.uint8)).convert("1"),
+        "RGB": lambda: PIL.Image.fromarray((area * 255).astype(np.uint8)).convert("RGB"),
+        "np": lambda: area,
+        "pt": lambda: torch.from_numpy(area)[None],
+        "bool": lambda: torch.from_numpy(area > 0.5),
+        "u8": lambda: (area * 255).astype(np.uint8),
+        "wrong_size": lambda: PIL.Image.new("L", (width + 4, height), 255),
+        "empty": lambda: PIL.Image.new("L", (width, height), 0),
+        "str": lambda: 42,
+        "complex": lambda: torch.from_numpy(area).to(torch.complex64),
+        "meta": lambda: torch.empty(height, width, device="meta"),
+    }[kind]()
+    return value, MASK_KINDS[kind]
+
+
+@st.composite
+def masks(draw, height: int, width: int):
+    kinds = [k for k, bad in MASK_KINDS.items() if not bad] * 2 + [k for k, bad in MASK_KINDS.items() if bad]
+    return make_mask(draw(st.sampled_from(kinds)), height, width)
 
 
 @SETTINGS
@@ -184,6 +215,24 @@ def test_inpaint_returns_valid_images_or_names_the_bad_argument(pipes, data, siz
         bad.add("strength")
     call_and_check(lambda **kw: pipes["inpaint"](generator=torch.Generator().manual_seed(0), **kw), args, bad,
                    lambda v: (n_prompts(v["prompt"]), h, w))
+
+
+@pytest.mark.parametrize("kind", list(IMAGE_KINDS))
+def test_every_image_form_is_used_or_refused_by_name(pipes, kind):
+    """Each form once, whatever hypothesis happens to draw (it favours the first kinds)."""
+    args = {"prompt": ("a", False), "image": make_image(kind, 8, 8), "num_inference_steps": (2, False),
+            "output_type": ("np", False)}
+    bad = {"image"} if args["image"][1] else set()
+    call_and_check(pipes["img2img"], args, bad, lambda v: (1, 8, 8))
+
+
+@pytest.mark.parametrize("kind", list(MASK_KINDS))
+def test_every_mask_form_is_used_or_refused_by_name(pipes, kind):
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    args = {"prompt": ("a", False), "image": (image, False), "mask_image": make_mask(kind, 8, 8),
+            "num_inference_steps": (2, False), "output_type": ("np", False)}
+    bad = {"mask_image"} if args["mask_image"][1] else set()
+    call_and_check(pipes["inpaint"], args, bad, lambda v: (1, 8, 8))
 
 
 @settings(max_examples=15, deadline=None, derandomize=True,
@@ -245,3 +294,82 @@ def test_reduced_precision_decode_that_overflows_falls_back_to_float32(ref_dir, 
         broken.vqvae.decoder.conv_out.bias.fill_(math.nan)  # corrupt weights: NaN in float32 too
     with pytest.raises(FloatingPointError, match="non-finite"):
         broken("a", num_inference_steps=2, output_type="np")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CLI: `amused generate` with random flags exits 0 with complete PNGs, or 2 with one line naming the flag
+# ----------------------------------------------------------------------------------------------------------
+
+CLI_FLAGS = {  # flag: (valid values, bad values, names the message may use)
+    "--steps": (["1", "2"], ["0", "-3"], ("--steps", "num_inference_steps")),
+    "--guidance-scale": (["0", "3.5"], ["nan", "inf", "-inf"], ("--guidance-scale", "guidance_scale")),
+    "--height": (["8", "12"], ["6", "0", "-8", "7"], ("--height", "height")),
+    "--width": (["8", "4"], ["10", "0"], ("--width", "width")),
+    "--num-images": (["1", "2"], ["0", "-1"], ("--num-images",)),
+    "--batch-size": (["1", "3"], ["0"], ("--batch-size",)),
+    "--temperature": (["1", "2 0"], ["1 2 3", "-1", "nan"], ("--temperature", "temperature")),
+    "--out": (["a.png"], ["a.jpg"], ("--out",)),
+}
+
+
+@st.composite
+def cli_args(draw):
+    chosen, bad = {}, set()
+    for flag, (valid, invalid, _) in CLI_FLAGS.items():
+        if draw(st.booleans()):
+            continue  # flag left at its default
+        if draw(st.integers(0, 5)) == 5:
+            chosen[flag], _ = draw(st.sampled_from(invalid)), bad.add(flag)
+        else:
+            chosen[flag] = draw(st.sampled_from(valid))
+    return chosen, bad
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(drawn=cli_args(), prompt=st.one_of(st.text(min_size=1, max_size=20).filter(lambda p: not p.startswith("-")),
+                                          st.just("x" * 500)))
+def test_cli_generate_writes_pngs_or_exits_2_naming_the_flag(ref_dir, tmp_path_factory, drawn, prompt):
+    from amused.cli import main
+
+    chosen, bad = drawn
+    folder = tmp_path_factory.mktemp("cli")
+    argv = ["generate", prompt, "--model", str(ref_dir), "--device", "cpu", "--quiet"]
+    if "--out" not in chosen:
+        argv += ["--out-dir", str(folder)]
+    elif chosen.get("--num-images", "1") != "1":
+        bad.discard("--out")  # --out names a single image; several go beside it as NNNN_prompt.png
+    if "--height" not in chosen and "--width" not in chosen:
+        chosen = {**chosen, "--height": "8", "--width": "8"}
+    for flag, value in chosen.items():
+        argv += [flag, *value.split()] if flag != "--out" else [flag, str(folder / value)]
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
+        warnings.simplefilter("ignore")
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own refusal ("-inf" reads as a flag): usage, then one error line
+            code, usage = e.code, True
+        else:
+            usage = False
+    if code == 0:
+        assert not bad, f"{argv} accepted bad {bad}"
+        pngs = sorted(folder.glob("*.png"))
+        assert len(pngs) == int(chosen.get("--num-images", "1"))
+        for p in pngs:
+            with PIL.Image.open(p) as image:
+                image.load()
+        event("generated")
+        return
+    event("refused by argparse" if usage else "refused")
+    message = stderr.getvalue().strip()
+    assert code == 2 and bad, f"{argv} refused: {message}"
+    if usage:
+        message = message.splitlines()[-1]
+        assert "error: argument" in message, message
+    assert message.startswith("amused generate: error:") and "\n" not in message or usage, message
+    names = {n for flag in bad for n in CLI_FLAGS[flag][2]}
+    assert any(n in message for n in names), f"{message!r} names none of {bad}"

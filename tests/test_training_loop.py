@@ -147,7 +147,11 @@ def test_train_from_scratch_low_memory_options_and_ema(setup, tmp_path):
           "--train_data_dir", str(images), "--resolution", "8", "--train_batch_size", "2", "--max_train_steps", "12",
           "--weights_dtype", "bf16", "--fused_optimizer_step", "--gradient_checkpointing", "--use_ema",
           "--ema_decay", "0.5", "--checkpointing_steps", "6", "--output_dir", str(out), "--logging_steps", "1"])
-    loaded = AmusedPipeline.from_pretrained(out)
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())  # written in the training dtype
+    loaded = AmusedPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
     assert loaded.transformer.dtype == torch.bfloat16
     ema_state = torch.load(out / "checkpoint-12" / "custom_checkpoint_2.pkl", weights_only=False)
     for name, value in ema_state["shadow"].items():  # the saved model holds the EMA weights

@@ -187,8 +187,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .images import load_image, make_image_grid, save_image
+    from .loading import clean_stale_temps
 
     source = load_image(args.image)
+    clean_stale_temps(Path(args.out).parent)  # temp files a killed earlier run left
     prompt = args.prompt
     if prompt is None:  # variations (or no prompt given): reuse the prompt recorded in the PNG, else none
         recorded = json.loads(source.info.get("amused", "{}") or "{}")

@@ -35,6 +35,8 @@ def _to_batch_tensor(image: ImageInput, name: str, channels: int) -> torch.Tenso
             return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
         image = torch.stack([torch.as_tensor(np.asarray(i)) for i in image])
     if isinstance(image, np.ndarray):
+        if image.dtype.kind not in "biuf":  # bool, int, uint, float: not strings, objects or complex
+            raise TypeError(f"{name}: numpy arrays must hold real numbers, got dtype {image.dtype}")
         array = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
         if array.ndim == 2:
             array = array[None, ..., None]
@@ -44,6 +46,8 @@ def _to_batch_tensor(image: ImageInput, name: str, channels: int) -> torch.Tenso
             raise ValueError(f"{name}: numpy arrays must be (H, W), (H, W, C) or (B, H, W, C), got {image.shape}")
         tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
     elif isinstance(image, torch.Tensor):
+        if image.is_complex() or image.device.type == "meta":
+            raise TypeError(f"{name} must be a real-valued tensor holding data, got {image.dtype} on {image.device}")
         tensor = image.float() / (255.0 if image.dtype == torch.uint8 else 1.0)
         if tensor.ndim == 2:
             tensor = tensor[None, None]

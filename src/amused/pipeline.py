@@ -224,7 +224,7 @@ class AmusedPipeline:
         if (negative_prompt_embeds is None) != (negative_encoder_hidden_states is None):
             raise ValueError("pass both `negative_prompt_embeds` and `negative_encoder_hidden_states`, or neither")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("`prompt` must be a string or a non-empty list of strings")
             self._warn_truncation(prompts, "prompt")

@@ -64,7 +64,7 @@ def temperatures(num_steps: int, temperature: float | tuple[float, float] = (2.0
     else:
         start, end = temperature, 0.01
     for t in (start, end):
-        if not math.isfinite(t) or t < 0:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
     return torch.linspace(start, end, num_steps, device=device)
 
