@@ -206,8 +206,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     else:
         kwargs["strength"] = args.strength
     pipe = load_pipeline(args.model, args.device, args.dtype, cls)
+    from tqdm import tqdm
+
     images = []
-    for i in range(args.num_images):
+    for i in tqdm(range(args.num_images), desc=args.command, unit="image",
+                  disable=args.quiet or args.json or args.num_images == 1):
         out = pipe(prompt, image=source.convert("RGB"), generator=torch.Generator("cpu").manual_seed(args.seed + i),
                    **kwargs).images[0]
         images.append(out)

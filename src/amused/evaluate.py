@@ -140,9 +140,11 @@ def retrieval_scores(neighbours: torch.Tensor, query_rows: list[dict], db_rows: 
 def generate(pipe, prompts: list[str], seed: int, guidance_scale: float, temperature, steps: int,
              batch_size: int) -> torch.Tensor:
     """(N, 3, H, W) images in [0, 1], one per prompt; one generator seeded once, batches in order."""
+    from tqdm.auto import tqdm
+
     generator = torch.Generator("cpu").manual_seed(seed)
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="eval: generate", unit="batch", leave=False):
         images = pipe(prompts[i:i + batch_size], generator=generator, guidance_scale=guidance_scale,
                       temperature=temperature, num_inference_steps=steps, output_type="np").images
         out.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float())  # (B, 3, H, W)
