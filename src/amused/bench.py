@@ -174,7 +174,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
             print(json.dumps(row), flush=True)
         info = {"plain_vs_graph_tokens_equal": plain_check}
         rows.append({"model": preset, "checks": info})
-        del pipe, ref
+        pipe = ref = None  # free the GPU memory before the next model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",

@@ -332,16 +332,16 @@ class AmusedPipeline:
         start = tokens_fn(batch, height // f, width // f)
         draw = _draw_for(generator, self.device)
         steps: list[StepState] | None = [] if return_steps else None
-        user_callback = None
-        if callback is not None or return_steps:
-            def user_callback(i, result):
-                shape = start.tokens.shape
-                if steps is not None:
-                    steps.append(StepState(i, result.tokens.view(shape).cpu(), result.predicted.view(shape).cpu(),
-                                           result.confidence.view(shape).float().cpu()))
-                if callback is not None and ((i - start.start_step) % callback_steps == 0
-                                             or i == num_inference_steps - 1):
-                    callback(i, num_inference_steps - 1 - i, result.tokens.view(shape))
+
+        def on_step(i, result):  # the loop's hook: record steps and/or call the user's callback
+            shape = start.tokens.shape
+            if steps is not None:
+                steps.append(StepState(i, result.tokens.view(shape).cpu(), result.predicted.view(shape).cpu(),
+                                       result.confidence.view(shape).float().cpu()))
+            if callback is not None and ((i - start.start_step) % callback_steps == 0 or i == num_inference_steps - 1):
+                callback(i, num_inference_steps - 1 - i, result.tokens.view(shape))
+
+        user_callback = on_step if (callback is not None or return_steps) else None
         schedule = schedule or self.scheduler.masking_schedule
         images = None
         if self._fast is not None and draw == "gumbel" and self._fast.supports(generator, user_callback):
@@ -482,7 +482,8 @@ class AmusedPipeline:
                               prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
                               negative_prompt_embeds=negative_prompt_embeds,
                               negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps, return_steps=return_steps,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=masking_schedule)
@@ -578,7 +579,8 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
                               prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
                               negative_prompt_embeds=negative_prompt_embeds,
                               negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps, return_steps=return_steps,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=schedule)
@@ -641,7 +643,8 @@ class AmusedInpaintPipeline(AmusedPipeline):
                               prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
                               negative_prompt_embeds=negative_prompt_embeds,
                               negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps, return_steps=return_steps,
+                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
+                              return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=masking_schedule)
