@@ -406,9 +406,17 @@ class AmusedPipeline:
 
         lora.unload_lora_weights(self)
 
-    def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16, fuse: bool = True
-                    ) -> "AmusedPipeline":
-        """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`."""
+    def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16, fuse: bool = True,
+                    warmup: Sequence[int] = ()) -> "AmusedPipeline":
+        """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`.
+
+        Args:
+            compile: torch.compile the repeated blocks (kernel fusion; ~50 s per new shape at full size).
+            vq_dtype: dtype of the VQ decode inside the graph (bf16: no fp16 overflow).
+            fuse: fuse Q/K/V projections.
+            warmup: batch sizes to capture now, at the native size with default settings, so that the
+                first calls of a server or benchmark do not pay for compilation and capture.
+        """
         from .fast import FastDecoder
 
         if self.device.type != "cuda":
@@ -418,6 +426,8 @@ class AmusedPipeline:
                 raise ValueError("unfused LoRA adapters: call pipe.fuse_lora() before enable_fast() (the graph "
                                  "bakes fused projection weights)")
         self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype, fuse=fuse)
+        for batch in warmup:
+            self([""] * batch, output_type="latent")
         return self
 
     def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
