@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-PROMPT ?= red apple, openmoji style
+PROMPT ?= red apple, google style
 OUT ?= amused.png
 BIN := $(VENV)/bin
 
