@@ -132,13 +132,18 @@ def ours(setup: Setup, mode: str, with_encoders: bool, batch: int = 1):
         with torch.autocast(setup.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             logits = model(masked.input_ids, hidden, pooled, micro)
         loss = masked_loss(logits, ids, masked.mask).loss
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(loss, scaler, opt)
 
     return step
+
+
+def optimizer_step(loss, scaler, opt):
+    """Backward, (scaled) step, free the gradients: the same tail for every setting."""
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def reference(setup: Setup, mode: str, batch: int = 1):
@@ -166,11 +171,7 @@ def reference(setup: Setup, mode: str, batch: int = 1):
                            micro_conds=micro)
             logits = logits.permute(0, 2, 3, 1).reshape(-1, setup.uvit.codebook_size)
             loss = F.cross_entropy(logits, labels.view(-1), ignore_index=-100, label_smoothing=0.1)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(loss, scaler, opt)
 
     return step
 

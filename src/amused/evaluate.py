@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import flatten_alpha
+
 STYLES = ("google", "twitter", "openmoji")  # what the embedded model was trained on; noto is left out
 FEATURE_SIZE = 16  # thumbnail side of the retrieval feature space
 GRID_EMOJI = ("red apple", "cat face", "grinning face", "red heart", "rocket", "pizza", "ghost", "dog face")
@@ -70,11 +72,7 @@ def load_images(data_dir: str | Path, rows: list[dict]) -> torch.Tensor:
     arrays = []
     for row in rows:
         image = Image.open(Path(data_dir) / row["split"] / row["file_name"])
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, image)
-        arrays.append(np.asarray(image.convert("RGB")))
+        arrays.append(np.asarray(flatten_alpha(image)))
     sizes = {a.shape for a in arrays}
     if len(sizes) != 1:
         raise ValueError(f"images of several sizes in the data: {sorted(sizes)}")

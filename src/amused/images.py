@@ -27,7 +27,7 @@ def _to_batch_tensor(image: ImageInput, name: str, channels: int) -> torch.Tenso
             sizes = {i.size for i in image}
             if len(sizes) > 1:
                 raise ValueError(f"{name}: all images of a batch must have one size, got {sorted(sizes)}")
-            arrays = [np.asarray(_flatten_alpha(i) if mode == "RGB" else i.convert(mode), dtype=np.float32) / 255.0
+            arrays = [np.asarray(flatten_alpha(i) if mode == "RGB" else i.convert(mode), dtype=np.float32) / 255.0
                       for i in image]
             array = np.stack(arrays)  # (B, H, W[, C])
             if array.ndim == 3:
@@ -70,11 +70,12 @@ def _to_batch_tensor(image: ImageInput, name: str, channels: int) -> torch.Tenso
     return tensor.contiguous()
 
 
-def _flatten_alpha(image: PIL.Image.Image, background=(255, 255, 255)) -> PIL.Image.Image:
-    """RGB view of an image; transparent pixels become `background` instead of whatever colour they hide."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+def flatten_alpha(image: PIL.Image.Image, background=(255, 255, 255)) -> PIL.Image.Image:
+    """RGB view of an image; transparent pixels become `background` instead of whatever colour they hide
+    (a plain `.convert("RGB")` exposes it; most emoji PNGs hold garbage colour there)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        canvas = PIL.Image.new("RGBA", rgba.size, background + (255,))
+        canvas = PIL.Image.new("RGBA", rgba.size, tuple(background)[:3] + (255,))
         return PIL.Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
 

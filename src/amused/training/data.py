@@ -33,6 +33,8 @@ import PIL.ImageOps
 import torch
 from safetensors import safe_open
 
+from ..images import flatten_alpha
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 DEFAULT_AESTHETIC = 6.0
 
@@ -44,12 +46,7 @@ DEFAULT_AESTHETIC = 6.0
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """EXIF-rotated RGB; transparent pixels become white instead of whatever colour they hide."""
-    image = PIL.ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
+    return flatten_alpha(PIL.ImageOps.exif_transpose(image))
 
 
 def preprocess(image: PIL.Image.Image, resolution: int, rng: random.Random, center_crop: bool = False,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
+from ...images import flatten_alpha
+
 from .packages import NOTO_DEBIAN_PACKAGE, NOTO_FONT_PATHS, NOTO_STRIKE_SIZE
 
 
@@ -33,9 +35,7 @@ def composite(image: Image.Image, background: Sequence[int] = (255, 255, 255)) -
     Returns:
         An RGB image of the same size.
     """
-    rgba = image.convert("RGBA")
-    base = Image.new("RGBA", rgba.size, (*tuple(background)[:3], 255))
-    return Image.alpha_composite(base, rgba).convert("RGB")
+    return flatten_alpha(image, background)
 
 
 def fit(image: Image.Image, size: int) -> Image.Image:
