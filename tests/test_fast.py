@@ -4,6 +4,7 @@ Graph capture itself needs a GPU (benchmarks/bench.py checks replay against the 
 captured program runs eagerly on the CPU, with fused projections and channels-last VQ, as it is built.
 """
 
+import pytest
 import torch
 
 from amused import sampling
@@ -62,3 +63,21 @@ def test_bench_runs_side_by_side_on_cpu(ref_dir, tmp_path):
     assert all(r["ours"]["ms_median"] > 0 and r["reference"]["ms_median"] > 0 and r["speedup"] > 0 for r in timings)
     assert timings[0]["flops"]["uvit_forward"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["rows"]
+
+
+def test_cudnn_autotune_is_scoped():
+    """Benchmark mode is on inside the capture and the user's setting comes back after, even on error."""
+    from amused.fast import cudnn_autotune
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for user in (False, True):
+            torch.backends.cudnn.benchmark = user
+            with cudnn_autotune():
+                assert torch.backends.cudnn.benchmark
+            assert torch.backends.cudnn.benchmark is user
+            with pytest.raises(RuntimeError), cudnn_autotune():
+                raise RuntimeError("capture failed")
+            assert torch.backends.cudnn.benchmark is user
+    finally:
+        torch.backends.cudnn.benchmark = before

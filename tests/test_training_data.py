@@ -146,3 +146,25 @@ def test_preencode_round_trip(tmp_path):
     assert torch.equal(p.vqvae.encode(pixels[None])[0], item["ids"])
     hidden, pooled = data.empty_prompt()
     assert hidden.shape == (1, 16, 8) and pooled.shape == (1, 8)
+
+    # Whole-batch gathers (in memory, or per item from the files) give exactly the per-item rows, in order,
+    # through the loader the trainer builds (workers included).
+    keys = [(0, 4), (0, 1), (0, 2), (0, 0)]
+    expected = [data[k] for k in keys]
+    for in_memory in (True, False):
+        batched = PreencodedDataset(tmp_path / "enc", in_memory=in_memory)
+        batch = batched.__getitems__(keys)
+        assert batch["caption"] == [e["caption"] for e in expected]
+        for name in ("ids", "hidden", "pooled", "micro_conds"):
+            assert torch.equal(batch[name], torch.stack([e[name] for e in expected])), (in_memory, name)
+        assert batch["ids"].dtype == torch.long
+    assert PreencodedDataset(tmp_path / "enc").in_memory  # small: read once
+    from types import SimpleNamespace
+
+    from amused.training.train import make_loader
+
+    args = SimpleNamespace(train_batch_size=2, dataloader_num_workers=2, seed=0)
+    loaded = [b["caption"] for b in make_loader(PreencodedDataset(tmp_path / "enc"), args, 0, 0, 0, 1)]
+    per_item = [b["caption"] for b in make_loader(PreencodedDataset(tmp_path / "enc", in_memory=False), args, 0, 0,
+                                                  0, 1)]
+    assert loaded == per_item and len(loaded) == 2 and all(len(c) == 2 for c in loaded)

@@ -17,6 +17,7 @@ it decides the same tokens (tests/test_fast.py; on the GPU, benchmarks/bench.py 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -52,6 +53,19 @@ def compile_blocks(pipe) -> None:
     blocks = [*uvit.transformer_layers, uvit.down_block, uvit.up_block, uvit.mlm_layer, uvit.embed, vq.decoder]
     for block in blocks:
         block.compile(dynamic=False)
+
+
+@contextlib.contextmanager
+def cudnn_autotune():
+    """cuDNN benchmark mode for the warm-up and capture only: the shapes are static, so timing each
+    convolution's algorithms once pays off in every replay (the captured graph keeps the chosen kernels);
+    the user's global setting is restored afterwards."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _warm_up(fn, runs: int = 2) -> None:
@@ -176,13 +190,14 @@ class FastDecoder:
 
     def _capture(self, inputs, *settings) -> _Graph:
         bufs = {name: value.clone() for name, value in inputs.items()}
-        _warm_up(lambda: self._program(bufs, *settings))
-        graph = torch.cuda.CUDAGraph()
-        if hasattr(graph, "register_generator_state"):
-            graph.register_generator_state(self.generator)
-        else:  # older torch: only the default generator can be captured
-            warnings.warn("this torch cannot capture a private generator; seeds use the default CUDA generator")
-            self.generator = None
-        with torch.cuda.graph(graph), torch.inference_mode():
-            tokens, images = self._program(bufs, *settings)
+        with cudnn_autotune():
+            _warm_up(lambda: self._program(bufs, *settings))
+            graph = torch.cuda.CUDAGraph()
+            if hasattr(graph, "register_generator_state"):
+                graph.register_generator_state(self.generator)
+            else:  # older torch: only the default generator can be captured
+                warnings.warn("this torch cannot capture a private generator; seeds use the default CUDA generator")
+                self.generator = None
+            with torch.cuda.graph(graph), torch.inference_mode():
+                tokens, images = self._program(bufs, *settings)
         return _Graph(graph, bufs, tokens, images)

@@ -264,10 +264,15 @@ class PreencodedDataset(torch.utils.data.Dataset):
     """Reads `amused preencode` output: index.json + shard-NNNNN.safetensors (ids int16, hidden/pooled fp16).
 
     Items: {"ids": (h, w) long, "hidden": (S, D), "pooled": (P,), "micro_conds": (5,), "caption": str}.
-    Tensors are read from the memory-mapped files per item, so the dataset does not have to fit in RAM.
+    A data set whose shards total at most `in_memory_bytes` is read into memory once (per loader worker) and
+    served a whole batch per gather (`__getitems__`, with `collate_batch` as the loader's collate_fn): per-item
+    reads and collation of a few hundred small tensors cost more than a small model's training step. Larger
+    ones are read from the memory-mapped files per item, so they do not have to fit in RAM.
     """
 
-    def __init__(self, root: str | Path):
+    in_memory_bytes = 4 << 30
+
+    def __init__(self, root: str | Path, in_memory: bool | None = None):
         self.root = Path(root)
         index_path = self.root / "index.json"
         if not index_path.is_file():
@@ -277,6 +282,10 @@ class PreencodedDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [n for _, n in self.shards])
         self._open: dict[int, Any] = {}
         self._captions: dict[int, list[str]] = {}
+        if in_memory is None:
+            in_memory = sum(path.stat().st_size for path, _ in self.shards) <= self.in_memory_bytes
+        self.in_memory = in_memory
+        self._all: dict[str, Any] | None = None  # every shard's tensors, concatenated (in-memory mode)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -299,6 +308,38 @@ class PreencodedDataset(torch.utils.data.Dataset):
         captions = self._captions[shard]
         out["caption"] = captions[row] if row < len(captions) else ""
         return out
+
+    def _load_all(self) -> dict[str, Any]:
+        if self._all is None:
+            parts: dict[str, list] = {name: [] for name in ("ids", "hidden", "pooled", "micro_conds")}
+            captions: list[str] = []
+            for shard, (_, n) in enumerate(self.shards):
+                f = self._handle(shard)
+                for name in parts:
+                    parts[name].append(f.get_tensor(name))
+                shard_captions = self._captions[shard]
+                captions += shard_captions[:n] + [""] * (n - len(shard_captions))
+            self._all = {name: torch.cat(tensors) for name, tensors in parts.items()}
+            self._all["caption"] = captions
+            self._open.clear()
+        return self._all
+
+    def __getitems__(self, keys: list) -> dict[str, Any]:
+        """A whole batch at once: {"ids": (B, h, w) long, "hidden": (B, S, D), ...}; see `collate_batch`."""
+        indices = [key[1] if isinstance(key, tuple) else key for key in keys]
+        if not self.in_memory:
+            return torch.utils.data.default_collate([self[i] for i in indices])
+        data = self._load_all()
+        at = torch.tensor(indices, dtype=torch.long)
+        batch = {name: data[name].index_select(0, at) for name in ("ids", "hidden", "pooled", "micro_conds")}
+        batch["ids"] = batch["ids"].long()
+        batch["caption"] = [data["caption"][i] for i in indices]
+        return batch
+
+    @staticmethod
+    def collate_batch(batch: dict[str, Any]) -> dict[str, Any]:
+        """The loader's collate_fn: `__getitems__` has already built the batch."""
+        return batch
 
     def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, S, D) hidden and (1, P) pooled embedding of "" (what text dropout substitutes)."""

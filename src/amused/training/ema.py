@@ -41,8 +41,8 @@ class EMA:
         """Average the current weights in (call after each optimizer step)."""
         self.num_updates += 1
         weight = 1.0 - self.current_decay()
-        for shadow, p in zip(self.shadow, self.params):
-            shadow.lerp_(p.detach().float(), weight)  # shadow += (1 - decay) * (p - shadow)
+        # shadow += (1 - decay) * (p - shadow), one fused launch per device/dtype group instead of one per tensor
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], weight)
 
     @torch.no_grad()
     def copy_to(self, params: Iterable[torch.nn.Parameter] | None = None) -> None:
