@@ -122,6 +122,14 @@ def test_keep_last_n(tmp_path):
         ckpt.resolve_resume(tmp_path, "checkpoint-6")  # no training_state.json: incomplete
 
 
+def test_resume_latest_before_any_checkpoint_starts_the_logs_over(tmp_path):
+    """A run killed before its first checkpoint restarts from step 0: its logged steps must not appear twice."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "train_log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    assert ckpt.resume_state(None, tmp_path, "latest", True)["step"] == 0
+    assert (tmp_path / "logs" / "train_log.jsonl").read_text() == ""
+
+
 def test_lora_finetune_with_text_encoder_saves_a_loadable_file(setup, tmp_path):
     pipe, images = setup
     out = tmp_path / "lora"

@@ -144,14 +144,14 @@ def truncate_log(path: str | Path, step: int) -> None:
 
 
 def resume_state(accelerator, out: Path, resume_from: str | None, main: bool) -> dict:
-    """The training position to start from: fresh, or restored from a checkpoint (logs cut back to its step,
-    so a resumed run does not log the lost steps twice)."""
+    """The training position to start from: fresh, or restored from a checkpoint. When resuming, logs are cut
+    back to the position's step (0 when a killed run left no checkpoint yet), so lost steps are not logged twice."""
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     resume = resolve_resume(out, resume_from)
     if resume is not None:
         state.update(load_checkpoint(accelerator, resume))
         accelerator.print(f"resumed from {resume} at step {state['step']}")
-        if main:
-            for log_file in (out / "logs").glob("*.jsonl"):
-                truncate_log(log_file, state["step"])
+    if resume_from and main:
+        for log_file in (out / "logs").glob("*.jsonl"):
+            truncate_log(log_file, state["step"])
     return state
