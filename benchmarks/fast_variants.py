@@ -18,8 +18,11 @@ import time
 import torch
 
 VQ_SHAPES = [(256, 1), (512, 1), (512, 8)]
-VQ_VARIANTS = {  # name: (dtype, torch.compile mode or None, cudnn.benchmark); most telling first
+VQ_VARIANTS = {  # name: (dtype, torch.compile mode or None, cudnn.benchmark[, layout, group norm])
     "compiled bf16 +cudnn.benchmark": ("bf16", "default", True),
+    "compiled bf16 chunked GN": ("bf16", "default", True, "channels_last", "chunked"),
+    "compiled bf16 NCHW": ("bf16", "default", True, "contiguous", "native"),
+    "compiled bf16 NCHW chunked GN": ("bf16", "default", True, "contiguous", "chunked"),
     "compiled bf16 (shipped before)": ("bf16", "default", False),
     "eager bf16 +cudnn.benchmark": ("bf16", None, True),
     "eager bf16": ("bf16", None, False),
@@ -79,11 +82,16 @@ def run_vq(name: str) -> list[dict]:
     from amused.models.vqgan import VQGAN
     from amused.presets import VQ_PRESETS
 
-    dtype_name, mode, bench = VQ_VARIANTS[name]
+    dtype_name, mode, bench, layout, norm = (*VQ_VARIANTS[name], "channels_last", "native")[:5]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     torch.backends.cudnn.benchmark = bench
     torch.manual_seed(0)
-    vq = VQGAN(VQ_PRESETS["amused"]()).eval().to("cuda", torch.float16).to(memory_format=torch.channels_last)
+    fmt = getattr(torch, layout + "_format")
+    vq = VQGAN(VQ_PRESETS["amused"]()).eval().to("cuda", torch.float16).to(memory_format=fmt)
+    if norm == "chunked":
+        from amused.group_norm import use_chunked_group_norm
+
+        use_chunked_group_norm(vq.decoder)
     if mode:
         vq.decoder.compile(mode=mode, dynamic=False)
     rows = []
@@ -92,14 +100,14 @@ def run_vq(name: str) -> list[dict]:
 
         def decode():
             with torch.autocast("cuda", dtype=dtype):
-                q = vq.quantize.lookup(ids).contiguous(memory_format=torch.channels_last)
+                q = vq.quantize.lookup(ids).contiguous(memory_format=fmt)
                 return vq.decode_latents(q).float().clamp(0, 1)
 
         start = time.perf_counter()
         ms = graph_ms(decode)
         row = {"part": "vq_decode", "variant": name, "side": side, "batch": batch, "graph_ms": round(ms, 3),
                "setup_s": round(time.perf_counter() - start, 1)}
-        if name == "compiled bf16 +cudnn.benchmark" and (side, batch) in ((512, 8), (256, 1)):
+        if name in ("compiled bf16 chunked GN", "compiled bf16 NCHW") and (side, batch) == (512, 8):
             row["top_kernels"] = top_kernels(decode)
         rows.append(row)
         print(json.dumps(row), flush=True)

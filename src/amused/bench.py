@@ -123,7 +123,8 @@ def count_flops(pipe, batch: int, guided: bool = True) -> dict:
 
 def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, repeats: int = 7,
         device: str = "cuda", dtype: str = "fp16", model: str | None = None, reference: bool = True,
-        reference_compile: bool = False, compile: bool = True, out: str | None = None) -> list[dict]:
+        reference_compile: bool = False, compile: bool = True, out: str | None = None,
+        fast_options: dict | None = None) -> list[dict]:
     from .pipeline import AmusedPipeline
 
     dev = torch.device(device)
@@ -145,7 +146,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
                 plain_check = _graph_matches_plain(pipe, steps)
             except Exception as e:  # report, and still time the rest
                 plain_check = {"error": f"{type(e).__name__}: {e}"}
-            pipe.enable_fast(compile=compile)
+            pipe.enable_fast(compile=compile, **(fast_options or {}))
         side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
         for batch in batches:
             prompts = PROMPTS[:batch] if batch <= len(PROMPTS) else (PROMPTS * batch)[:batch]
@@ -179,7 +180,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "dtype": dtype, "matmul_tflops": tflops,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "fast_options": fast_options or {}}
     try:
         import diffusers
 

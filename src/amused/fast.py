@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import sampling
+from .group_norm import use_chunked_group_norm
 
 
 @dataclass
@@ -99,6 +100,7 @@ class FastDecoder:
     compile: bool = True
     vq_dtype: torch.dtype = torch.bfloat16
     fuse: bool = True  # fused Q/K/V projections (same math, different rounding)
+    vq_group_norm: str = "chunked"  # "chunked": amused.group_norm (fast on channels-last), "native": F.group_norm
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
@@ -108,6 +110,10 @@ class FastDecoder:
             if hasattr(module, "fuse_projections"):
                 module.fuse_projections() if self.fuse else module.unfuse_projections()
         pipe.vqvae.to(memory_format=torch.channels_last)
+        if self.vq_group_norm not in ("chunked", "native"):
+            raise ValueError(f"vq_group_norm must be 'chunked' or 'native', got {self.vq_group_norm!r}")
+        if self.vq_group_norm == "chunked":
+            use_chunked_group_norm(pipe.vqvae.decoder)
         self.step_fn = sampling.unmask_step
         if self.compile:
             compile_blocks(pipe)

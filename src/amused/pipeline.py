@@ -407,7 +407,7 @@ class AmusedPipeline:
         lora.unload_lora_weights(self)
 
     def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16, fuse: bool = True,
-                    warmup: Sequence[int] = ()) -> "AmusedPipeline":
+                    warmup: Sequence[int] = (), vq_group_norm: str = "chunked") -> "AmusedPipeline":
         """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`.
 
         Args:
@@ -416,6 +416,9 @@ class AmusedPipeline:
             fuse: fuse Q/K/V projections.
             warmup: batch sizes to capture now, at the native size with default settings, so that the
                 first calls of a server or benchmark do not pay for compilation and capture.
+            vq_group_norm: "chunked" computes the VQ decoder's group norms with `amused.group_norm` (same
+                statistics, a parallel two-level reduction that compiles to fast kernels on channels-last
+                activations); "native" keeps F.group_norm.
         """
         from .fast import FastDecoder
 
@@ -425,7 +428,7 @@ class AmusedPipeline:
             if getattr(module, "merged", True) is False and hasattr(module, "lora_A"):
                 raise ValueError("unfused LoRA adapters: call pipe.fuse_lora() before enable_fast() (the graph "
                                  "bakes fused projection weights)")
-        self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype, fuse=fuse)
+        self._fast = FastDecoder(self, compile=compile, vq_dtype=vq_dtype, fuse=fuse, vq_group_norm=vq_group_norm)
         for batch in warmup:
             self([""] * batch, output_type="latent")
         return self

@@ -151,7 +151,7 @@ def make_loader(dataset, args, epoch: int, start_batch: int, rank: int, world: i
         dataset.set_position(epoch, start_batch)
         return DataLoader(dataset, **common)
     sampler = EpochSampler(len(dataset), args.train_batch_size, epoch, args.seed or 0, True, rank, world, start_batch)
-    return DataLoader(dataset, sampler=sampler, **common)
+    return DataLoader(dataset, sampler=sampler, collate_fn=getattr(dataset, "collate_batch", None), **common)
 
 
 def run(args, mode: str) -> Path:
