@@ -86,7 +86,7 @@ def run_vq(name: str) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     torch.backends.cudnn.benchmark = bench
     torch.manual_seed(0)
-    fmt = getattr(torch, layout + "_format")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     vq = VQGAN(VQ_PRESETS["amused"]()).eval().to("cuda", torch.float16).to(memory_format=fmt)
     if norm == "chunked":
         from amused.group_norm import use_chunked_group_norm
