@@ -81,3 +81,18 @@ def test_cudnn_autotune_is_scoped():
             assert torch.backends.cudnn.benchmark is user
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_vq_group_norm_option_switches_both_ways(ref_dir):
+    """The fast path's chunked group norms are undone by a later FastDecoder asking for the native ones (the
+    benchmark builds a plain-check decoder first: its switch must not leak into the one it times)."""
+    from amused.group_norm import ChunkedGroupNorm
+
+    pipe = AmusedPipeline.from_pretrained(ref_dir)
+    chunked = lambda: any(isinstance(m, ChunkedGroupNorm) for m in pipe.vqvae.decoder.modules())  # noqa: E731
+    FastDecoder(pipe, compile=False, vq_dtype=torch.float32)
+    assert chunked()
+    FastDecoder(pipe, compile=False, vq_dtype=torch.float32, vq_group_norm="native")
+    assert not chunked()
+    with pytest.raises(ValueError, match="vq_group_norm"):
+        FastDecoder(pipe, compile=False, vq_group_norm="fast")

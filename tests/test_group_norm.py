@@ -37,3 +37,7 @@ def test_swap_keeps_weights_and_output():
     assert any(isinstance(m, ChunkedGroupNorm) for m in vq.decoder.modules())
     assert list(vq.state_dict()) == keys
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert use_chunked_group_norm(vq.decoder, on=False) > 0  # and back: the plain modules again
+    assert all(type(m) is not ChunkedGroupNorm for m in vq.decoder.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(vq.decode(ids), before, rtol=0, atol=0)

@@ -112,8 +112,8 @@ class FastDecoder:
         pipe.vqvae.to(memory_format=torch.channels_last)
         if self.vq_group_norm not in ("chunked", "native"):
             raise ValueError(f"vq_group_norm must be 'chunked' or 'native', got {self.vq_group_norm!r}")
-        if self.vq_group_norm == "chunked":
-            use_chunked_group_norm(pipe.vqvae.decoder)
+        use_chunked_group_norm(pipe.vqvae.decoder, on=self.vq_group_norm == "chunked")  # either way: a later
+        # enable_fast(vq_group_norm="native") undoes an earlier call's switch
         self.step_fn = sampling.unmask_step
         if self.compile:
             compile_blocks(pipe)

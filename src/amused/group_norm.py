@@ -45,11 +45,13 @@ class ChunkedGroupNorm(nn.GroupNorm):
         return group_norm_chunked(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def use_chunked_group_norm(module: nn.Module) -> int:
-    """Switch every nn.GroupNorm under `module` to ChunkedGroupNorm in place; returns how many."""
+def use_chunked_group_norm(module: nn.Module, on: bool = True) -> int:
+    """Switch every group norm under `module` to ChunkedGroupNorm (or back to nn.GroupNorm with on=False)
+    in place; returns how many were switched."""
+    source, target = (nn.GroupNorm, ChunkedGroupNorm) if on else (ChunkedGroupNorm, nn.GroupNorm)
     count = 0
     for m in module.modules():
-        if type(m) is nn.GroupNorm:
-            m.__class__ = ChunkedGroupNorm
+        if type(m) is source:
+            m.__class__ = target
             count += 1
     return count
