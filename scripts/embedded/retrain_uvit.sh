@@ -9,8 +9,10 @@
 #   OUT=$OUT UVIT_SECONDS=380 CMP_STEPS=3000 bash scripts/embedded/retrain_uvit.sh
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/emb}; S=.stage
-UVIT_SECONDS=${UVIT_SECONDS:-380}; CMP_STEPS=${CMP_STEPS:-3000}; BATCH=${BATCH:-512}; LR=${LR:-8e-4}
+UVIT_SECONDS=${UVIT_SECONDS:-380}; CMP_STEPS=${CMP_STEPS:-3000}; BATCH=${BATCH:-2048}; LR=${LR:-1.2e-3}
+CMP_SECONDS=${CMP_SECONDS:-200}  # per comparison run: a slow one is cut rather than holding up the call
 TIMING_STEPS=${TIMING_STEPS:-300}; EVAL_DEVICE=${EVAL_DEVICE:-cuda:0}; EVAL_N=${EVAL_N:-200}; WARMUP=${WARMUP:-500}; MP=${MP:-bf16}
+COMPILE=${COMPILE---compile}  # COMPILE= (empty) trains eagerly
 VQ=src/amused/assets/amused-emoji-64/vqvae
 AM="python3 -m amused.cli"
 mkdir -p "$W" "$OUT"
@@ -23,10 +25,10 @@ echo "== pre-encode $(date +%T)"
 
 train() {  # GPU OUTPUT_DIR STEPS [extra args]: the U-ViT recipe of docs/embedded_model.md
   local gpu=$1 dir=$2 steps=$3; shift 3
-  CUDA_VISIBLE_DEVICES=$gpu $AM train --vqvae_path "$VQ" --train_batch_size "$BATCH" --learning_rate "$LR" \
+  CUDA_VISIBLE_DEVICES=$gpu timeout "${LIMIT:-0}" $AM train --vqvae_path "$VQ" --train_batch_size "$BATCH" --learning_rate "$LR" \
     --lr_scheduler cosine --lr_warmup_steps "$WARMUP" --max_train_steps "$steps" --mixed_precision "$MP" --use_ema \
     --ema_decay 0.999 --cond_dropout_prob 0.1 --label_smoothing 0.1 --checkpointing_steps 0 \
-    --logging_steps "$((TIMING_STEPS < 250 ? TIMING_STEPS / 2 : 250))" --output_dir "$dir" "$@"
+    --logging_steps "$((TIMING_STEPS < 250 ? TIMING_STEPS / 2 : 250))" --output_dir "$dir" $COMPILE "$@"
 }
 minilm=(--transformer_config "$S/transformer.json" --text_encoder_path "$S/minilm" --preencoded_data_dir "$W/enc"
         --dataloader_num_workers 2)
@@ -40,19 +42,21 @@ main_run() {
   echo "$steps" > "$OUT/main_steps.txt"
   train 0 "$W/uvit" "$steps" "${minilm[@]}" > "$W/main.log" 2>&1 || { tail -30 "$W/main.log"; return 1; }
   tail -3 "$W/uvit/logs/train_log.jsonl"
+  # Ship fp16 U-ViT weights (the embedded model's size budget) at once: nothing after this may lose them.
+  python3 scripts/embedded/ship_uvit.py "$W/uvit" "$OUT"
   echo "== main eval $(date +%T)"
   $AM eval --model "$W/uvit" --data "$W/data" --device "$EVAL_DEVICE" --num-train "$EVAL_N" --out "$OUT/eval_main_gpu.json" --quiet || true
 }
 
 compare_run() {
   echo "== compare: MiniLM $(date +%T)"
-  train 1 "$W/cmp_minilm" "$CMP_STEPS" "${minilm[@]}" > "$W/cmp_minilm.log" 2>&1 || tail -30 "$W/cmp_minilm.log"
+  LIMIT=$CMP_SECONDS train 1 "$W/cmp_minilm" "$CMP_STEPS" "${minilm[@]}" > "$W/cmp_minilm.log" 2>&1 || tail -30 "$W/cmp_minilm.log"
   echo "== compare: CLIP trained here $(date +%T)"
   python3 scripts/embedded/make_clip_text.py --captions "$W/data/train/metadata.jsonl" --out "$W/clip" \
     > "$OUT/clip_text.txt" 2>&1
   python3 -c "import sys; sys.path.insert(0, 'scripts/embedded'); import config; \
 config.write_transformer_json('$W/clip', '$W/clip_transformer.json')"
-  train 1 "$W/cmp_clip" "$CMP_STEPS" --transformer_config "$W/clip_transformer.json" \
+  LIMIT=$CMP_SECONDS train 1 "$W/cmp_clip" "$CMP_STEPS" --transformer_config "$W/clip_transformer.json" \
     --text_encoder_path "$W/clip" --train_text_encoder --train_data_dir "$W/data/train" --resolution 64 \
     --center_crop --dataloader_num_workers 8 > "$W/cmp_clip.log" 2>&1 || tail -30 "$W/cmp_clip.log"
   for m in minilm clip; do
@@ -70,15 +74,5 @@ CMP=$!
 wait $CMP || true
 wait $MAIN || true
 cat "$OUT/main.txt" "$OUT/compare.txt"
-
-# Ship fp16 U-ViT weights (the embedded model's size budget); config and logs alongside.
-python3 - "$W" "$OUT" <<'PY'
-import shutil, sys
-from safetensors.torch import load_file, save_file
-w, out = sys.argv[1], sys.argv[2]
-sd = load_file(f"{w}/uvit/transformer/diffusion_pytorch_model.safetensors")
-save_file({k: v.half().contiguous() for k, v in sd.items()}, f"{out}/transformer.fp16.safetensors")
-shutil.copy(f"{w}/uvit/transformer/config.json", f"{out}/transformer.config.json")
-shutil.copy(f"{w}/uvit/logs/train_log.jsonl", f"{out}/uvit_log.jsonl")
-PY
 ls -la "$OUT"
+

@@ -45,15 +45,11 @@ class _TextGraph:
 
 
 def compile_blocks(pipe) -> None:
-    """`torch.compile` the repeated blocks one by one rather than the whole model: the 22 transformer layers
-    share one compiled graph (parameters are graph inputs), so compilation takes seconds, not minutes, and
-    kernels still fuse within each block. The CUDA graph removes the launch cost between blocks."""
-    uvit, vq = pipe.transformer, pipe.vqvae
-    # Each (block, shape) pair is one compiled entry: batch sizes x resolutions x blocks sharing code.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    blocks = [*uvit.transformer_layers, uvit.down_block, uvit.up_block, uvit.mlm_layer, uvit.embed, vq.decoder]
-    for block in blocks:
-        block.compile(dynamic=False)
+    """`torch.compile` the U-ViT's repeated blocks one by one rather than the whole model (`UViT.compile_blocks`:
+    compilation takes seconds, not minutes; kernels still fuse within each block) and the VQ decoder. The CUDA
+    graph removes the launch cost between blocks."""
+    pipe.transformer.compile_blocks()
+    pipe.vqvae.decoder.compile(dynamic=False)
 
 
 @contextlib.contextmanager

@@ -258,6 +258,15 @@ class UViT(nn.Module):
         """
         return self.forward_tokens(input_ids, self.condition(encoder_hidden_states, pooled_text_emb, micro_conds))
 
+
+    def compile_blocks(self, **options) -> None:
+        """`torch.compile` the repeated blocks in place, one by one (the transformer layers share one compiled
+        graph, so compiling takes seconds, not minutes); parameter names and state-dict keys are unchanged.
+        Used by the fast inference path and by `amused train --compile`."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in [*self.transformer_layers, self.down_block, self.up_block, self.mlm_layer, self.embed]:
+            block.compile(dynamic=False, **options)
+
     def condition(self, encoder_hidden_states: torch.Tensor, pooled_text_emb: torch.Tensor,
                   micro_conds: torch.Tensor) -> "Conditioning":
         """Everything of the forward pass that depends on the text and micro-conditioning only.

@@ -90,6 +90,11 @@ def _uvit_args(p: argparse.ArgumentParser, finetune: bool) -> None:
     g.add_argument("--weights_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: pure bf16 weights (no fp32 master copy); stochastic rounding with the fused step")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("speed")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-ViT's blocks (fewer, fused kernels: a small model's step is bound by "
+                        "per-op launch cost otherwise)")
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend (default inductor)")
     g.add_argument("--fused_optimizer_step", action="store_true",
                    help="step each parameter inside backward and free its gradient (single process)")
     g = p.add_argument_group("EMA")

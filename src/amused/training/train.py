@@ -220,6 +220,8 @@ def run(args, mode: str) -> Path:
     make_opt = adamw_factory(args.use_8bit_adam, device, args.learning_rate, (args.adam_beta1, args.adam_beta2),
                              args.adam_weight_decay, args.adam_epsilon)
     model.to(device)
+    if getattr(args, "compile", False):
+        comps.transformer.compile_blocks(backend=args.compile_backend)
     if args.fused_optimizer_step:
         optimizer = FusedStepOptimizer(params, make_opt, stochastic_rounding=args.weights_dtype == "bf16")
         model = accelerator.prepare(model)
