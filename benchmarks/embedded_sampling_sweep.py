@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from amused import evaluate as ev
 

@@ -8,12 +8,9 @@ tokenizer has real merges in CLIP's format, and the saved folder passes the untr
 import dataclasses
 import importlib.util
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from amused.models.text_encoder import TextEncoder
 from amused.pipeline import AmusedPipeline, SchedulerConfig
 from amused.training.cli import main
 from tiny import MASK_ID
-from train_tiny import TRAIN_UVIT, make_image_folder, make_pipeline
+from train_tiny import TRAIN_UVIT, kill_after_checkpoint, make_image_folder, make_pipeline
 
 SCRIPTS = Path(__file__).parents[1] / "scripts" / "embedded"
 CLIP = dict(vocab_size=600, width=8, layers=2, heads=2, max_length=16, projection_dim=12)  # pooled != width
@@ -105,19 +102,12 @@ def test_trained_text_encoder_is_saved_and_loaded_with_its_embeddings(setup, str
 def test_killed_and_resumed_run_ends_with_the_same_text_encoder(setup, straight, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "amused.training.cli", *train_args(setup, out, "--debug_sleep_per_step", "0.3")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (out / "checkpoint-4").is_dir():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
-            time.sleep(0.02)
-        text_state = load_file(str(out / "checkpoint-4" / "model_1.safetensors"))  # the encoder is checkpointed
+    def encoder_is_checkpointed():
+        text_state = load_file(str(out / "checkpoint-4" / "model_1.safetensors"))
         assert set(text_state) == set(load_file(str(setup["clip"] / "model.safetensors")))
-        time.sleep(0.35)  # somewhere past the checkpoint
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "model_index.json").exists()
+
+    assert kill_after_checkpoint(cmd, out / "checkpoint-4", 0.35, encoder_is_checkpointed) == -signal.SIGKILL
+    assert not (out / "model_index.json").exists()
     main(train_args(setup, out, "--resume_from_checkpoint", "latest"))
     for part, name in (("text_encoder", "model"), ("transformer", "diffusion_pytorch_model")):
         a = load_file(str(straight[0] / part / f"{name}.safetensors"))

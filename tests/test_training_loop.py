@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from amused import lora
 from amused.pipeline import AmusedPipeline
 from amused.training import checkpoint as ckpt
 from amused.training.cli import main
-from train_tiny import TRAIN_UVIT, make_image_folder, make_pipeline
+from train_tiny import TRAIN_UVIT, kill_after_checkpoint, make_image_folder, make_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +64,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(setup, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "amused.training.cli",
            *finetune_args(pipe, images, out, 20, *RESUME_FLAGS, "--debug_sleep_per_step", "0.25")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (out / "checkpoint-8").is_dir():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
-            time.sleep(0.02)
-        time.sleep(0.3)  # somewhere past the checkpoint
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_checkpoint(cmd, out / "checkpoint-8", 0.3) == -signal.SIGKILL
     assert not (out / "model_index.json").exists()
     for folder in ckpt.list_checkpoints(out):  # whatever survived the kill is complete
         assert {"training_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {

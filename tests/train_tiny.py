@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +56,21 @@ def make_image_folder(folder: Path, n: int = 4, size: int = 12, seed: int = 0, r
         rows.append({"file_name": name, "text": f"{WORDS[i % len(WORDS)]} pattern {i}"})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+def kill_after_checkpoint(cmd: list[str], checkpoint: Path, pause: float, at_checkpoint=None) -> int:
+    """Run `cmd`, wait (at most 120 s) for the `checkpoint` folder, call `at_checkpoint()`, let it run `pause`
+    seconds more, SIGKILL it; returns the exit status (-SIGKILL)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not checkpoint.is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before the checkpoint"
+            time.sleep(0.02)
+        if at_checkpoint is not None:
+            at_checkpoint()
+        time.sleep(pause)  # somewhere past the checkpoint
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return proc.returncode

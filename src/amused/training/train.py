@@ -125,12 +125,10 @@ def check_args(args, accelerator) -> None:
         raise ValueError("--weights_dtype bf16 trains in bf16 already; drop --mixed_precision fp16")
     if args.use_ema and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("--use_ema is not supported with FSDP (the averaged weights would be sharded)")
-    if args.preencoded_data_dir and args.text_encoder_use_lora:
-        raise ValueError("--text_encoder_use_lora needs the text encoder in the step; it cannot train on "
-                         "--preencoded_data_dir embeddings")
-    if args.train_text_encoder and args.preencoded_data_dir:
-        raise ValueError("--train_text_encoder needs the text encoder in the step; it cannot train on "
-                         "--preencoded_data_dir embeddings")
+    for flag in ("text_encoder_use_lora", "train_text_encoder"):
+        if args.preencoded_data_dir and getattr(args, flag):
+            raise ValueError(f"--{flag} needs the text encoder in the step; it cannot train on "
+                             "--preencoded_data_dir embeddings")
     if args.train_text_encoder and args.text_encoder_use_lora:
         raise ValueError("--train_text_encoder trains all the text encoder's weights; --text_encoder_use_lora "
                          "trains adapters on it. Drop one of the two")
