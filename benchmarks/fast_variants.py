@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,11 +31,14 @@ VQ_VARIANTS = {  # name: (dtype, torch.compile mode or None, cudnn.benchmark[, l
     "max-autotune-no-cudagraphs bf16": ("bf16", "max-autotune-no-cudagraphs", True),
 }
 UVIT_CASES = [("amused-256", 2), ("amused-512", 2), ("amused-256", 16), ("amused-512", 16)]
+CASES = os.environ.get("FAST_VARIANTS_UVIT_CASES", "").split()  # --uvit-cases, passed on to the children
 UVIT_VARIANTS = {  # name: how the U-ViT is compiled
     "per-block default (shipped)": "blocks",
     "whole model default": "whole",
     "eager": "eager",
     "per-block max-autotune-no-cudagraphs": "blocks-autotune",
+    "per-block coordinate-descent tuning": "blocks-coordesc",
+    "per-block max-autotune + coordinate descent": "blocks-autotune-coordesc",
 }
 
 
@@ -121,19 +125,22 @@ def run_uvit(name: str) -> list[dict]:
     how = UVIT_VARIANTS[name]
     torch.backends.cudnn.benchmark = True
     rows = []
-    for preset in sorted({p for p, _ in UVIT_CASES}):
+    cases = [(p, n) for p, n in UVIT_CASES if not CASES or f"{p}:{n}" in CASES]
+    for preset in sorted({p for p, _ in cases}):
         torch.manual_seed(0)
         model = UViT(uvit_config(preset)).eval().to("cuda", torch.float16)
         for m in model.modules():
             if hasattr(m, "fuse_projections"):
                 m.fuse_projections()
+        if "coordesc" in how:  # inductor tunes its own Triton kernels' launch configs, too
+            torch._inductor.config.coordinate_descent_tuning = True
         if how.startswith("blocks"):
-            mode = "max-autotune-no-cudagraphs" if how == "blocks-autotune" else None
+            mode = "max-autotune-no-cudagraphs" if "autotune" in how else None
             for block in [*model.transformer_layers, model.down_block, model.up_block, model.mlm_layer, model.embed]:
                 block.compile(dynamic=False, mode=mode)
         forward = torch.compile(model.forward_tokens, dynamic=False) if how == "whole" else model.forward_tokens
         cfg = model.config
-        for p, n in UVIT_CASES:
+        for p, n in cases:
             if p != preset:
                 continue
             ids = torch.full((n, cfg.sample_size, cfg.sample_size), cfg.mask_token_id, device="cuda")
@@ -146,7 +153,7 @@ def run_uvit(name: str) -> list[dict]:
             ms = graph_ms(lambda: forward(ids, ctx))
             row = {"part": "uvit_forward", "variant": name, "model": preset, "batch": n, "graph_ms": round(ms, 3),
                    "setup_s": round(time.perf_counter() - start, 1)}
-            if how == "blocks" and n == 2:
+            if n == 2:
                 row["top_kernels"] = top_kernels(lambda: forward(ids, ctx))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -160,8 +167,13 @@ def main() -> None:
     p.add_argument("--out", default="fast_variants.json")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
     p.add_argument("--only", nargs="*", help="variant names to run (default all)")
+    p.add_argument("--uvit-cases", nargs="*", default=[], help="U-ViT cases as MODEL:BATCH, e.g. amused-256:2 "
+                   "(default all)")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.uvit_cases:
+        os.environ["FAST_VARIANTS_UVIT_CASES"] = " ".join(args.uvit_cases)
+        CASES[:] = args.uvit_cases
     if args._child:
         part, name = args._child
         (run_vq if part == "vq" else run_uvit)(name)

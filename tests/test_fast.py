@@ -96,3 +96,13 @@ def test_vq_group_norm_option_switches_both_ways(ref_dir):
     assert not chunked()
     with pytest.raises(ValueError, match="vq_group_norm"):
         FastDecoder(pipe, compile=False, vq_group_norm="fast")
+
+
+def test_compile_mode_option(ref_dir):
+    """`compile` takes a torch.compile mode too; an unknown one is refused with the allowed ones named."""
+    pipe = AmusedPipeline.from_pretrained(ref_dir)
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        FastDecoder(pipe, compile="turbo", vq_dtype=torch.float32)
+    FastDecoder(pipe, compile="max-autotune-no-cudagraphs", vq_dtype=torch.float32)
+    assert all(layer._compiled_call_impl is not None for layer in pipe.transformer.transformer_layers)
+    assert pipe.vqvae.decoder._compiled_call_impl is not None

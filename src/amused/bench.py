@@ -123,7 +123,7 @@ def count_flops(pipe, batch: int, guided: bool = True) -> dict:
 
 def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, repeats: int = 7,
         device: str = "cuda", dtype: str = "fp16", model: str | None = None, reference: bool = True,
-        reference_compile: bool = False, compile: bool = True, out: str | None = None,
+        reference_compile: bool = False, compile: bool | str = True, out: str | None = None,
         fast_options: dict | None = None) -> list[dict]:
     from .pipeline import AmusedPipeline
 
@@ -180,7 +180,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "dtype": dtype, "matmul_tflops": tflops,
-            "threads": torch.get_num_threads(), "fast_options": fast_options or {}}
+            "threads": torch.get_num_threads(), "fast_options": fast_options or {}, "compile": compile}
     try:
         import diffusers
 
@@ -264,6 +264,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip diffusers")
     p.add_argument("--reference-compile", action="store_true", help="also torch.compile diffusers' transformer")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs without torch.compile")
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of our U-ViT blocks (max-autotune: GEMMs autotuned, minutes once)")
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
 
     def handler(args):
@@ -274,7 +276,8 @@ def add_command(subparsers) -> None:
             model = str(embedded_model_path())
         dtype = args.dtype if args.device != "cpu" else "fp32"
         run(args.preset, args.batch, args.steps, args.repeats, args.device, dtype, model, not args.no_reference,
-            args.reference_compile, not args.no_compile, args.out)
+            args.reference_compile, False if args.no_compile else (True if args.compile_mode == "default"
+                                                                   else args.compile_mode), args.out)
         return 0
 
     p.set_defaults(func=handler)

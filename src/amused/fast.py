@@ -44,11 +44,21 @@ class _TextGraph:
     pooled: torch.Tensor | None = None
 
 
-def compile_blocks(pipe) -> None:
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_blocks(pipe, mode: str = "default") -> None:
     """`torch.compile` the U-ViT's repeated blocks one by one rather than the whole model (`UViT.compile_blocks`:
     compilation takes seconds, not minutes; kernels still fuse within each block) and the VQ decoder. The CUDA
-    graph removes the launch cost between blocks."""
-    pipe.transformer.compile_blocks()
+    graph removes the launch cost between blocks.
+
+    `mode="max-autotune-no-cudagraphs"` also times candidate GEMM kernels for the U-ViT's matmul shapes and
+    keeps the fastest (minutes on first use; inductor caches the choices on disk). The VQ decoder keeps the
+    default mode: its convolutions are cuDNN's either way. (Our own CUDA graph wraps everything, so compile's
+    cudagraph modes are not used.)"""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    pipe.transformer.compile_blocks(mode=None if mode == "default" else mode)
     pipe.vqvae.decoder.compile(dynamic=False)
 
 
@@ -88,12 +98,13 @@ class FastDecoder:
 
     Args:
         pipe: the pipeline (its modules must already be on the CUDA device, in their final dtype).
-        compile: wrap the U-ViT and VQ decoder in `torch.compile` (default mode) before capture.
+        compile: wrap the U-ViT and VQ decoder in `torch.compile` before capture: True (default mode), False,
+            or a mode of `COMPILE_MODES` ("max-autotune-no-cudagraphs": GEMMs autotuned for the U-ViT).
         vq_dtype: dtype of the VQ decode in the graph (bf16: float32's range, so no fp16 overflow).
     """
 
     pipe: object
-    compile: bool = True
+    compile: bool | str = True
     vq_dtype: torch.dtype = torch.bfloat16
     fuse: bool = True  # fused Q/K/V projections (same math, different rounding)
     vq_group_norm: str = "chunked"  # "chunked": amused.group_norm (fast on channels-last), "native": F.group_norm
@@ -112,7 +123,7 @@ class FastDecoder:
         # enable_fast(vq_group_norm="native") undoes an earlier call's switch
         self.step_fn = sampling.unmask_step
         if self.compile:
-            compile_blocks(pipe)
+            compile_blocks(pipe, "default" if self.compile is True else self.compile)
             self.step_fn = torch.compile(sampling.unmask_step, dynamic=False)  # fuses softmax, noise, argmax
         self.transformer = pipe.transformer
         self.generator = torch.Generator(pipe.device)

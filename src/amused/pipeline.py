@@ -406,12 +406,13 @@ class AmusedPipeline:
 
         lora.unload_lora_weights(self)
 
-    def enable_fast(self, compile: bool = True, vq_dtype: torch.dtype = torch.bfloat16, fuse: bool = True,
+    def enable_fast(self, compile: bool | str = True, vq_dtype: torch.dtype = torch.bfloat16, fuse: bool = True,
                     warmup: Sequence[int] = (), vq_group_norm: str = "chunked") -> "AmusedPipeline":
         """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`.
 
         Args:
-            compile: torch.compile the repeated blocks (kernel fusion; ~50 s per new shape at full size).
+            compile: torch.compile the repeated blocks (kernel fusion; ~50 s per new shape at full size); or a
+                mode name, "max-autotune-no-cudagraphs" to autotune the U-ViT's GEMMs too (minutes, once).
             vq_dtype: dtype of the VQ decode inside the graph (bf16: no fp16 overflow).
             fuse: fuse Q/K/V projections.
             warmup: batch sizes to capture now, at the native size with default settings, so that the
