@@ -98,11 +98,19 @@ def test_vq_group_norm_option_switches_both_ways(ref_dir):
         FastDecoder(pipe, compile=False, vq_group_norm="fast")
 
 
-def test_compile_mode_option(ref_dir):
-    """`compile` takes a torch.compile mode too; an unknown one is refused with the allowed ones named."""
+def test_compile_option(ref_dir):
+    """`compile` picks what is compiled; an unknown value is refused with the allowed ones named. Compiling is
+    lazy (at the first call), so wrapping is all that happens here."""
+    from amused.fast import CompiledUViT
+
     pipe = AmusedPipeline.from_pretrained(ref_dir)
-    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+    with pytest.raises(ValueError, match="'blocks', 'full'"):
         FastDecoder(pipe, compile="turbo", vq_dtype=torch.float32)
-    FastDecoder(pipe, compile="max-autotune-no-cudagraphs", vq_dtype=torch.float32)
+    fast = FastDecoder(pipe, compile="blocks", vq_dtype=torch.float32)
     assert all(layer._compiled_call_impl is not None for layer in pipe.transformer.transformer_layers)
-    assert pipe.vqvae.decoder._compiled_call_impl is not None
+    assert fast.transformer is pipe.transformer
+    pipe = AmusedPipeline.from_pretrained(ref_dir)
+    fast = FastDecoder(pipe, compile="full", vq_dtype=torch.float32)
+    assert isinstance(fast.transformer, CompiledUViT)
+    assert pipe.text_encoder._compiled_call_impl is not None and pipe.vqvae.decoder._compiled_call_impl is not None
+    assert all(layer._compiled_call_impl is None for layer in pipe.transformer.transformer_layers)

@@ -264,8 +264,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip diffusers")
     p.add_argument("--reference-compile", action="store_true", help="also torch.compile diffusers' transformer")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs without torch.compile")
-    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode of our U-ViT blocks (max-autotune: GEMMs autotuned, minutes once)")
+    p.add_argument("--compile", default="blocks", choices=["blocks", "full"],
+                   help="what of ours is compiled (enable_fast's compile): blocks one by one, or 'full': the U-ViT "
+                        "step as one graph plus the text encoder (longer warm-up)")
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
 
     def handler(args):
@@ -276,8 +277,7 @@ def add_command(subparsers) -> None:
             model = str(embedded_model_path())
         dtype = args.dtype if args.device != "cpu" else "fp32"
         run(args.preset, args.batch, args.steps, args.repeats, args.device, dtype, model, not args.no_reference,
-            args.reference_compile, False if args.no_compile else (True if args.compile_mode == "default"
-                                                                   else args.compile_mode), args.out)
+            args.reference_compile, False if args.no_compile else args.compile, args.out)
         return 0
 
     p.set_defaults(func=handler)

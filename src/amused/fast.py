@@ -44,22 +44,25 @@ class _TextGraph:
     pooled: torch.Tensor | None = None
 
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("blocks", "full")
 
 
-def compile_blocks(pipe, mode: str = "default") -> None:
+def compile_blocks(pipe) -> None:
     """`torch.compile` the U-ViT's repeated blocks one by one rather than the whole model (`UViT.compile_blocks`:
     compilation takes seconds, not minutes; kernels still fuse within each block) and the VQ decoder. The CUDA
-    graph removes the launch cost between blocks.
-
-    `mode="max-autotune-no-cudagraphs"` also times candidate GEMM kernels for the U-ViT's matmul shapes and
-    keeps the fastest (minutes on first use; inductor caches the choices on disk). The VQ decoder keeps the
-    default mode: its convolutions are cuDNN's either way. (Our own CUDA graph wraps everything, so compile's
-    cudagraph modes are not used.)"""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    pipe.transformer.compile_blocks(mode=None if mode == "default" else mode)
+    graph removes the launch cost between blocks. (Our own CUDA graph wraps everything, so compile's cudagraph
+    modes are not used; max-autotune of the blocks' GEMMs measured no faster: README, Performance.)"""
+    pipe.transformer.compile_blocks()
     pipe.vqvae.decoder.compile(dynamic=False)
+
+
+class CompiledUViT:
+    """The U-ViT's per-step forward compiled as one graph (`compile="full"`): kernels also fuse across block
+    boundaries (a block's residual add with the next block's norm). The per-call conditioning stays eager."""
+
+    def __init__(self, transformer):
+        self.condition = transformer.condition
+        self.forward_tokens = torch.compile(transformer.forward_tokens, dynamic=False)
 
 
 @contextlib.contextmanager
@@ -98,8 +101,9 @@ class FastDecoder:
 
     Args:
         pipe: the pipeline (its modules must already be on the CUDA device, in their final dtype).
-        compile: wrap the U-ViT and VQ decoder in `torch.compile` before capture: True (default mode), False,
-            or a mode of `COMPILE_MODES` ("max-autotune-no-cudagraphs": GEMMs autotuned for the U-ViT).
+        compile: `torch.compile` before capture. True or "blocks": the U-ViT's blocks one by one and the VQ
+            decoder (seconds to compile); "full": the U-ViT's step as one graph, the VQ decoder and the text
+            encoder (a longer warm-up, the fastest replay); False: eager kernels in the graph.
         vq_dtype: dtype of the VQ decode in the graph (bf16: float32's range, so no fp16 overflow).
     """
 
@@ -122,10 +126,18 @@ class FastDecoder:
         use_chunked_group_norm(pipe.vqvae.decoder, on=self.vq_group_norm == "chunked")  # either way: a later
         # enable_fast(vq_group_norm="native") undoes an earlier call's switch
         self.step_fn = sampling.unmask_step
-        if self.compile:
-            compile_blocks(pipe, "default" if self.compile is True else self.compile)
-            self.step_fn = torch.compile(sampling.unmask_step, dynamic=False)  # fuses softmax, noise, argmax
+        mode = "blocks" if self.compile is True else self.compile
+        if mode and mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {self.compile!r}")
         self.transformer = pipe.transformer
+        if mode == "blocks":
+            compile_blocks(pipe)
+        elif mode == "full":
+            self.transformer = CompiledUViT(pipe.transformer)
+            pipe.vqvae.decoder.compile(dynamic=False)
+            pipe.text_encoder.compile(dynamic=False)
+        if mode:
+            self.step_fn = torch.compile(sampling.unmask_step, dynamic=False)  # fuses softmax, noise, argmax
         self.generator = torch.Generator(pipe.device)
         self.text_graphs: dict[tuple, _TextGraph] = {}
 

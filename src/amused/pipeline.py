@@ -411,8 +411,9 @@ class AmusedPipeline:
         """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`.
 
         Args:
-            compile: torch.compile the repeated blocks (kernel fusion; ~50 s per new shape at full size); or a
-                mode name, "max-autotune-no-cudagraphs" to autotune the U-ViT's GEMMs too (minutes, once).
+            compile: torch.compile before capture: True / "blocks" (the repeated blocks one by one; ~50 s per
+                new shape at full size), "full" (the U-ViT step as one graph plus the text encoder: a longer
+                warm-up, ~1 ms faster a call at amused-256 batch 1), or False.
             vq_dtype: dtype of the VQ decode inside the graph (bf16: no fp16 overflow).
             fuse: fuse Q/K/V projections.
             warmup: batch sizes to capture now, at the native size with default settings, so that the
