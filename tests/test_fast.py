@@ -114,3 +114,5 @@ def test_compile_option(ref_dir):
     assert isinstance(fast.transformer, CompiledUViT)
     assert pipe.text_encoder._compiled_call_impl is not None and pipe.vqvae.decoder._compiled_call_impl is not None
     assert all(layer._compiled_call_impl is None for layer in pipe.transformer.transformer_layers)
+    assert isinstance(FastDecoder(AmusedPipeline.from_pretrained(ref_dir), vq_dtype=torch.float32).transformer,
+                      CompiledUViT)  # the default

@@ -264,7 +264,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip diffusers")
     p.add_argument("--reference-compile", action="store_true", help="also torch.compile diffusers' transformer")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs without torch.compile")
-    p.add_argument("--compile", default="blocks", choices=["blocks", "full"],
+    p.add_argument("--compile", default="full", choices=["blocks", "full"],
                    help="what of ours is compiled (enable_fast's compile): blocks one by one, or 'full': the U-ViT "
                         "step as one graph plus the text encoder (longer warm-up)")
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")

@@ -101,9 +101,9 @@ class FastDecoder:
 
     Args:
         pipe: the pipeline (its modules must already be on the CUDA device, in their final dtype).
-        compile: `torch.compile` before capture. True or "blocks": the U-ViT's blocks one by one and the VQ
-            decoder (seconds to compile); "full": the U-ViT's step as one graph, the VQ decoder and the text
-            encoder (a longer warm-up, the fastest replay); False: eager kernels in the graph.
+        compile: `torch.compile` before capture. True or "full": the U-ViT's step as one graph, the VQ decoder
+            and the text encoder (the fastest replay); "blocks": the U-ViT's blocks one by one and the VQ
+            decoder; False: eager kernels in the graph.
         vq_dtype: dtype of the VQ decode in the graph (bf16: float32's range, so no fp16 overflow).
     """
 
@@ -126,7 +126,7 @@ class FastDecoder:
         use_chunked_group_norm(pipe.vqvae.decoder, on=self.vq_group_norm == "chunked")  # either way: a later
         # enable_fast(vq_group_norm="native") undoes an earlier call's switch
         self.step_fn = sampling.unmask_step
-        mode = "blocks" if self.compile is True else self.compile
+        mode = "full" if self.compile is True else self.compile
         if mode and mode not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {self.compile!r}")
         self.transformer = pipe.transformer

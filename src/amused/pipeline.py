@@ -411,9 +411,9 @@ class AmusedPipeline:
         """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`.
 
         Args:
-            compile: torch.compile before capture: True / "blocks" (the repeated blocks one by one; ~50 s per
-                new shape at full size), "full" (the U-ViT step as one graph plus the text encoder: a longer
-                warm-up, ~1 ms faster a call at amused-256 batch 1), or False.
+            compile: torch.compile before capture: True / "full" (the U-ViT step as one graph, the text encoder
+                and the VQ decoder; 20-50 s of warm-up per new shape at full size), "blocks" (the repeated
+                blocks one by one: 1.4 ms slower a call at amused-256 batch 1 on an H100), or False.
             vq_dtype: dtype of the VQ decode inside the graph (bf16: no fp16 overflow).
             fuse: fuse Q/K/V projections.
             warmup: batch sizes to capture now, at the native size with default settings, so that the
