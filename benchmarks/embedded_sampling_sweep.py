@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
     p.add_argument("--data", type=Path, default=Path("data/emoji"))
     p.add_argument("--num-train", type=int, default=100)
-    p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 8.0])
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0])
     p.add_argument("--temperature", nargs="+", default=["1,0", "0.5,0"], help="start,end pairs")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=32)

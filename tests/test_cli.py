@@ -69,7 +69,8 @@ def test_embedded_model_is_the_default(tmp_path):
     image = PIL.Image.open(out)
     assert image.size == (64, 64)
     meta = json.loads(image.info["amused"])
-    assert meta["model"] == "embedded" and meta["guidance_scale"] == 3.0  # the checkpoint's generation_config
+    assert meta["model"] == "embedded" and meta["guidance_scale"] == 1.0  # the checkpoint's generation_config
+    assert meta["temperature"] == [0.5, 0]
 
 
 def test_img2img_inpaint_and_variations_commands(ref_dir, tmp_path, capsys):

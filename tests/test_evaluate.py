@@ -131,7 +131,9 @@ def test_eval_command_writes_results_and_grid(ref_dir, tmp_path, capsys):
     assert results["retrieval"]["real_other_styles"]["emoji_accuracy"] == 1.0
     for r in results["retrieval"].values():
         assert 0 <= r["emoji_accuracy"] <= 1 and 0 <= r["style_accuracy"] <= 1 and len(r["neighbours"]) == r["n"]
-    assert results["settings"]["temperature"] == [1.0, 0.0] and results["settings"]["guidance_scale"] == 3.0
+    # settings not given are the checkpoint's defaults (this one has no generation_config.json: diffusers')
+    assert results["settings"]["temperature"] == [2.0, 0.0] and results["settings"]["guidance_scale"] == 10.0
+    assert results["settings"]["steps"] == 2
     assert PIL.Image.open(grid).size[0] > 0 and len(results["grid"]["prompts"]) == 4
     printed = capsys.readouterr().out
     assert "held-out" in printed and "random token grids" in printed and "dB" in printed

@@ -167,6 +167,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
                 total = steps * f["uvit_forward"] + f["vq_decode"] + f["text_encode"]
                 row["floor_ms"] = total / (tflops * 1e12) * 1000
             if dev.type == "cuda":
+                row["host_syncs"] = _host_syncs(lambda: pipe(prompts, num_inference_steps=steps, output_type="np"))
                 try:
                     row["breakdown_ms"] = _breakdown(pipe, prompts, steps, dev)
                 except Exception as e:
@@ -203,6 +204,22 @@ def _graph_matches_plain(pipe, steps: int) -> dict:
                    generator=torch.Generator(pipe.device).manual_seed(123)).images
     pipe._fast = None
     return {"equal": bool(torch.equal(plain, graphed)), "fraction_equal": float((plain == graphed).float().mean())}
+
+
+def _host_syncs(fn) -> list[str]:
+    """Where one call makes the host wait for the GPU (torch's sync debug mode; file:line of each). The fast
+    path should show only the end: the finite-pixels check and the copy of the images to the host."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 def _breakdown(pipe, prompts, steps, dev) -> dict:

@@ -171,10 +171,12 @@ def reconstruct(pipe, images: torch.Tensor, batch_size: int) -> torch.Tensor:
 # The evaluation
 
 
-def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, guidance_scale: float = 3.0,
-             temperature=(1.0, 0.0), steps: int = 12, batch_size: int = 32, log=print) -> dict:
-    """All figures of `amused eval` as a JSON-ready dict (see the module docstring)."""
+def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, guidance_scale: float | None = None,
+             temperature=None, steps: int | None = None, batch_size: int = 32, log=print) -> dict:
+    """All figures of `amused eval` as a JSON-ready dict (see the module docstring). Sampling settings left as
+    None are the model's own defaults (its generation_config.json), as `amused generate` uses them."""
     t0 = time.perf_counter()
+    steps, guidance_scale, temperature = pipe.resolve_defaults(steps, guidance_scale, temperature)
     rows = load_rows(data_dir)
     log(f"loading {len(rows)} real images ({', '.join(STYLES)}; train + held-out) from {data_dir}")
     images = load_images(data_dir, rows)  # (N, 3, H, W)
@@ -315,9 +317,10 @@ def save_grid(pipe, rows: list[dict], path: str | Path, seed: int, guidance_scal
 def cmd_eval(args: argparse.Namespace) -> int:
     from .cli import load_pipeline
 
-    if args.num_train < 0 or args.batch_size < 1 or args.steps < 1:
+    if args.num_train < 0 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--num-train must be >= 0, --batch-size and --steps >= 1")
-    temperature = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
+    temperature = None if args.temperature is None else (
+        tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0])
     rows = load_rows(args.data)  # fail on a missing --data before loading the model
     quiet = args.quiet or args.json
 
@@ -328,13 +331,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.device, args.dtype)
     results = evaluate(pipe, args.data, num_train=args.num_train, seed=args.seed, guidance_scale=args.guidance_scale,
                        temperature=temperature, steps=args.steps, batch_size=args.batch_size, log=log)
+    settings = results["settings"]  # the grid uses the same (resolved) settings
+    temperature = tuple(settings["temperature"]) if isinstance(settings["temperature"], list) else settings["temperature"]
     results["model"] = args.model or "embedded"
     results["data"] = str(args.data)
     if args.grid:
         log(f"sample grid -> {args.grid}")
         results["grid"] = {"path": str(args.grid),
                            "prompts": save_grid(pipe, rows, args.grid, args.seed,
-                                                args.guidance_scale, temperature, args.steps)}
+                                                settings["guidance_scale"], temperature, settings["steps"])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if args.json:
@@ -362,10 +367,11 @@ def add_command(subparsers) -> None:
                    help="output of `amused build-emoji-data` (default: data/emoji)")
     p.add_argument("--num-train", type=int, default=200, help="training captions sampled (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seeds the caption sample and the generation (default 0)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (default 3)")
-    p.add_argument("--temperature", type=float, nargs="+", default=[1.0, 0.0], metavar="T",
-                   help="start [end] of the temperature ramp (default 1 0)")
-    p.add_argument("--steps", type=int, default=12, help="decoding steps (default 12)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the model's generation_config.json)")
+    p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
+                   help="start [end] of the temperature ramp (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--out", type=Path, default=Path("eval.json"), help="results JSON (default eval.json)")
     p.add_argument("--grid", type=Path, default=None, help="also save a sample grid PNG here")
