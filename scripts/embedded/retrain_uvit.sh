@@ -12,7 +12,8 @@
 # `amused eval` on the GPU.
 # Inputs: .stage_a/ (carried by the call before, within the warm window) and .stage_b/ (split_stage.py).
 #   OUT=$OUT UVIT_SECONDS=300 bash scripts/embedded/retrain_uvit.sh
-# (RUNS=uvit BATCH=2048 LR=1.4e-3 UVIT_SECONDS=420 SKIP_EVAL=1: one long run of the shipped architecture.)
+# (RUNS=uvit BATCH=1024 LR=1e-3 UVIT_SECONDS=390 SKIP_EVAL=1: one long run of the shipped architecture;
+#  STYLELESS=1 adds every training caption once more without its style: add_styleless_captions.py.)
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/emb}; S=.stage
 RUNS=${RUNS:-"uvit uvit_flat uvit_flat_clip"}
@@ -25,6 +26,7 @@ mkdir -p "$W" "$OUT"
 python3 scripts/embedded/join_stage.py
 python3 scripts/embedded/unpack_images.py "$S" "$W/data"
 
+[ -n "${STYLELESS-}" ] && python3 scripts/embedded/add_styleless_captions.py "$W/data/train/metadata.jsonl"
 echo "== pre-encode $(date +%T)"
 [ -f "$W/enc/index.json" ] || $AM preencode --vqvae_path "$VQ" --text_encoder_path "$S/minilm" \
   --train_data_dir "$W/data/train" --resolution 64 --center_crop --batch_size 1024 --output_dir "$W/enc" 2>&1 | tail -2
