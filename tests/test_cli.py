@@ -69,7 +69,7 @@ def test_embedded_model_is_the_default(tmp_path):
     image = PIL.Image.open(out)
     assert image.size == (64, 64)
     meta = json.loads(image.info["amused"])
-    assert meta["model"] == "embedded" and meta["guidance_scale"] == 1.0  # the checkpoint's generation_config
+    assert meta["model"] == "embedded" and meta["guidance_scale"] == 2.0  # the checkpoint's generation_config
     assert meta["temperature"] == [0.5, 0]
 
 
