@@ -329,17 +329,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(message, file=sys.stderr, flush=True)
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
-    results = evaluate(pipe, args.data, num_train=args.num_train, seed=args.seed, guidance_scale=args.guidance_scale,
-                       temperature=temperature, steps=args.steps, batch_size=args.batch_size, log=log)
-    settings = results["settings"]  # the grid uses the same (resolved) settings
-    temperature = tuple(settings["temperature"]) if isinstance(settings["temperature"], list) else settings["temperature"]
+    steps, guidance_scale, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, temperature)
+    results = evaluate(pipe, args.data, num_train=args.num_train, seed=args.seed, guidance_scale=guidance_scale,
+                       temperature=temperature, steps=steps, batch_size=args.batch_size, log=log)
     results["model"] = args.model or "embedded"
     results["data"] = str(args.data)
     if args.grid:
         log(f"sample grid -> {args.grid}")
         results["grid"] = {"path": str(args.grid),
                            "prompts": save_grid(pipe, rows, args.grid, args.seed,
-                                                settings["guidance_scale"], temperature, settings["steps"])}
+                                                guidance_scale, temperature, steps)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if args.json:

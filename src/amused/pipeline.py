@@ -325,8 +325,8 @@ class AmusedPipeline:
         batch = embeds.hidden.shape[0] // (2 if guided else 1)
         crop_top, crop_left = micro_conditioning_crop_coord
         micro_conds = torch.tensor([width, height, crop_top, crop_left, micro_conditioning_aesthetic_score],
-                                   dtype=embeds.hidden.dtype).to(self.device, non_blocking=True)  # a blocking
-        # copy would wait for the text encoder's kernels, leaving the GPU idle while the host prepares the decode
+                                   dtype=embeds.hidden.dtype).to(self.device, non_blocking=True)  # not blocking:
+        # the host goes on preparing the decode while the text encoder's kernels run
         micro_conds = micro_conds[None].expand(embeds.hidden.shape[0], -1)  # (B or 2B, 5)
 
         f = self.vae_scale_factor
