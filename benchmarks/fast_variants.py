@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from amused.bench import graph_ms
+
 VQ_SHAPES = [(256, 1), (512, 1), (512, 8)]
 VQ_VARIANTS = {  # name: (dtype, torch.compile mode or None, cudnn.benchmark[, layout, group norm])
     "compiled bf16 +cudnn.benchmark": ("bf16", "default", True),
@@ -40,28 +42,6 @@ UVIT_VARIANTS = {  # name: how the U-ViT is compiled
     "per-block coordinate-descent tuning": "blocks-coordesc",
     "per-block max-autotune + coordinate descent": "blocks-autotune-coordesc",
 }
-
-
-def graph_ms(fn, replays: int = 20) -> float:
-    """Warm up on a side stream, capture `fn` once, return the mean ms of a graph replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def top_kernels(fn, n: int = 12) -> list[dict]:

@@ -101,18 +101,39 @@ def test_vq_group_norm_option_switches_both_ways(ref_dir):
 def test_compile_option(ref_dir):
     """`compile` picks what is compiled; an unknown value is refused with the allowed ones named. Compiling is
     lazy (at the first call), so wrapping is all that happens here."""
-    from amused.fast import CompiledUViT
+    from amused.fast import guided_step
 
     pipe = AmusedPipeline.from_pretrained(ref_dir)
     with pytest.raises(ValueError, match="'blocks', 'full'"):
         FastDecoder(pipe, compile="turbo", vq_dtype=torch.float32)
     fast = FastDecoder(pipe, compile="blocks", vq_dtype=torch.float32)
     assert all(layer._compiled_call_impl is not None for layer in pipe.transformer.transformer_layers)
-    assert fast.transformer is pipe.transformer
+    assert fast.step is guided_step and fast.step_fn is not sampling.unmask_step
     pipe = AmusedPipeline.from_pretrained(ref_dir)
     fast = FastDecoder(pipe, compile="full", vq_dtype=torch.float32)
-    assert isinstance(fast.transformer, CompiledUViT)
+    assert fast.step is not guided_step and fast.step_fn is sampling.unmask_step  # one compiled graph per step
     assert pipe.text_encoder._compiled_call_impl is not None and pipe.vqvae.decoder._compiled_call_impl is not None
     assert all(layer._compiled_call_impl is None for layer in pipe.transformer.transformer_layers)
-    assert isinstance(FastDecoder(AmusedPipeline.from_pretrained(ref_dir), vq_dtype=torch.float32).transformer,
-                      CompiledUViT)  # the default
+    assert FastDecoder(AmusedPipeline.from_pretrained(ref_dir), vq_dtype=torch.float32).step is not guided_step
+    fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=False, vq_dtype=torch.float32)
+    assert fast.step is guided_step and fast.step_fn is sampling.unmask_step
+
+
+def test_compiled_step_is_one_graph(ref_dir):
+    """`torch.compile` traces a whole step (U-ViT, guidance, sampling) without a graph break: the draws come in
+    as tensors, and the last step is a tensor flag, not a second graph."""
+    import torch._dynamo
+
+    from amused.fast import guided_step
+
+    pipe = AmusedPipeline.from_pretrained(ref_dir)
+    mask_id, V = pipe.scheduler.mask_token_id, pipe.transformer.config.codebook_size
+    with torch.inference_mode():
+        embeds = pipe.encode_prompt(["a cat"], None, 1, True)
+        ctx = pipe.transformer.condition(embeds.hidden, embeds.pooled, torch.tensor([[16.0, 16, 0, 0, 6]] * 2))
+        grid = torch.full((1, 64), mask_id)
+        draws = sampling.gumbel_draws((1, 64, V), False, seeded(0), "cpu")
+        explained = torch._dynamo.explain(guided_step)(
+            pipe.transformer, grid, ctx, draws, torch.tensor([64]), torch.tensor(0.5), torch.tensor(1.0),
+            torch.tensor(False), 10.0, mask_id, (1, 8, 8))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

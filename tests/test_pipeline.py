@@ -51,6 +51,42 @@ def test_output_types(ours, output_type, check):
     assert ours("a", height=8, width=8, return_dict=False, generator=seeded(0))[0]
 
 
+def test_output_types_hold_the_same_pixels(ours):
+    """"pil" (converted to 8 bits where the images are), "np" and "pt" are one image in three forms."""
+    out = {t: ours("a cat", height=8, width=16, num_images_per_prompt=2, output_type=t, generator=seeded(0)).images
+           for t in ("pil", "np", "pt")}
+    assert np.array_equal(out["np"], out["pt"].permute(0, 2, 3, 1).numpy())
+    assert out["np"].flags["C_CONTIGUOUS"]
+    expected = (out["np"] * 255).round().astype(np.uint8)
+    assert all(np.array_equal(np.asarray(image), e) for image, e in zip(out["pil"], expected))
+
+
+@pytest.mark.parametrize("model", ["tiny", "embedded"])
+def test_one_tokenizer_call_gives_the_truncating_tokenizer_result(ours, model):
+    """`TextEncoder.tokenize` tokenizes once, to one token more than it keeps, and warns about exactly the
+    prompts a plain `max_length` call cuts (CLIP BPE and the embedded model's WordPiece)."""
+    import warnings
+
+    if model == "embedded":
+        from amused.embedded import embedded_model_path
+
+        encoder = AmusedPipeline.from_pretrained(embedded_model_path()).prompt_encoder
+    else:
+        encoder = ours.prompt_encoder
+    n = encoder.max_length
+    prompts = ["", "a cat", "red apple, google style", " ".join(["cat"] * (n - 2)), " ".join(["cat"] * (n - 1)),
+               " ".join(["dog"] * (3 * n)), "x" * 400]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = encoder.tokenize(prompts, "negative_prompt")
+    expected = encoder.tokenizer(prompts, padding="max_length", truncation=True, max_length=n, return_tensors="pt")
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["attention_mask"], expected["attention_mask"])
+    cut = [p for p in prompts if encoder.count_tokens(p) > n]
+    assert cut and len(caught) == len(cut)
+    assert all("negative_prompt" in str(w.message) and "cut off" in str(w.message) for w in caught)
+
+
 def test_precomputed_embeddings_equal_prompt(ours):
     hidden, pooled = ours.prompt_encoder(["a cat"])
     neg_hidden, neg_pooled = ours.prompt_encoder([""])

@@ -169,7 +169,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
             if dev.type == "cuda":
                 row["host_syncs"] = _host_syncs(lambda: pipe(prompts, num_inference_steps=steps, output_type="np"))
                 try:
-                    row["breakdown_ms"] = _breakdown(pipe, prompts, steps, dev)
+                    row["breakdown_ms"] = _breakdown(pipe, prompts, steps, ours["ms_median"])
                 except Exception as e:
                     row["breakdown_ms"] = {"error": f"{type(e).__name__}: {e}"}
             rows.append(row)
@@ -222,26 +222,64 @@ def _host_syncs(fn) -> list[str]:
     return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
-def _breakdown(pipe, prompts, steps, dev) -> dict:
-    """Where the time of one call goes: text encoding, the graph (steps + VQ decode), VQ decode alone, rest."""
-    fast = pipe._fast
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
+    """Mean GPU ms of a captured graph's replay, timed with CUDA events (no host time)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
 
-    def t(fn, n=5):
-        fn()
-        torch.cuda.synchronize()
-        s = time.perf_counter()
-        for _ in range(n):
+
+def graph_ms(fn, replays: int = 20) -> float:
+    """Warm `fn` up on a side stream, capture it as a CUDA graph, return `replay_ms` of it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(3):
             fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - s) / n * 1000
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        fn()
+    return replay_ms(graph, replays)
 
-    text = t(lambda: pipe.encode_prompt(prompts, None, 1, True))
-    entry = next(iter(g for k, g in fast.graphs.items() if k[0][0] == len(prompts)))
-    graph = t(entry.graph.replay)
+
+def _breakdown(pipe, prompts, steps: int, call_ms: float) -> dict:
+    """Where one call's time goes: each stage captured and replayed as its own CUDA graph and timed on the GPU,
+    and the rest of the call (host work: checks, tokenising, launches, the copy to the host)."""
+    from . import sampling
+
+    fast = pipe._fast
+    batch = len(prompts)
+    text = next(e for k, e in fast.text_graphs.items() if k[0] == batch)
+    key, entry = next((k, g) for k, g in fast.graphs.items() if k[0][0] == batch)
+    model, mask_id, guidance = pipe.transformer, pipe.scheduler.mask_token_id, key[6]
+    bufs = entry.inputs
+    B, H, W = shape = tuple(bufs["tokens"].shape)
     with torch.inference_mode():
-        vq = t(lambda: fast._vq_decode(entry.tokens))
-    return {"text_encode": text, "graph_steps_plus_vq": graph, "vq_decode_eager_compiled": vq,
-            "steps_only_est": graph - vq}
+        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])
+        grid = bufs["tokens"].reshape(B, H * W)
+        total = (grid == mask_id).sum(dim=-1)
+        dev = grid.device
+        draw_shape = (B, H * W, model.config.codebook_size)
+        draws = sampling.gumbel_draws(draw_shape, False, None, dev)
+        ratio, temp, last = torch.tensor(0.5, device=dev), torch.tensor(1.0, device=dev), torch.tensor(False, device=dev)
+    out = {"text_encode": replay_ms(text.graph) if text.graph is not None else None,
+           "condition": graph_ms(lambda: model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])),
+           "step": graph_ms(lambda: fast.step(model, grid, ctx, draws, total, ratio, temp, last, guidance, mask_id,
+                                              shape, fast.step_fn)),
+           "step_draws": graph_ms(lambda: sampling.gumbel_draws(draw_shape, False, None, dev)),
+           "vq_decode": graph_ms(lambda: fast._vq_decode(entry.tokens)),
+           "graph_total": replay_ms(entry.graph)}
+    out["steps_total"] = steps * (out["step"] + out["step_draws"])
+    out["gpu_total"] = out["graph_total"] + (out["text_encode"] or 0)
+    out["host_and_rest"] = call_ms - out["gpu_total"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def print_table(rows, meta) -> None:

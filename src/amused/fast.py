@@ -56,13 +56,29 @@ def compile_blocks(pipe) -> None:
     pipe.vqvae.decoder.compile(dynamic=False)
 
 
-class CompiledUViT:
-    """The U-ViT's per-step forward compiled as one graph (`compile="full"`): kernels also fuse across block
-    boundaries (a block's residual add with the next block's norm). The per-call conditioning stays eager."""
+def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch.Tensor], total: torch.Tensor,
+                ratio: torch.Tensor, temperature: torch.Tensor, last: torch.Tensor, guidance_scale: float,
+                mask_token_id: int, shape: tuple[int, int, int], step_fn=sampling.unmask_step) -> torch.Tensor:
+    """One decoding step of the graph: U-ViT forward, guidance and sampling in one function.
 
-    def __init__(self, transformer):
-        self.condition = transformer.condition
-        self.forward_tokens = torch.compile(transformer.forward_tokens, dynamic=False)
+    Compiled as one graph (`compile="full"`), the logits never leave it: the guidance mix fuses into the
+    sampler's softmax, and the model's last kernels fuse with the sampler's first. The random draws come in
+    as tensors (a private generator cannot be traced) and `last` is a bool tensor, so every step, the final
+    one included, replays one compiled graph. The same arithmetic as `sampling.decode` over
+    `AmusedPipeline.logits_fn` (tests/test_fast.py).
+
+    Args:
+        grid: (B, L) current tokens; shape: (B, h, w) of the grid.
+        draws: the step's `sampling.gumbel_draws`.
+        last: 0-d bool tensor, True on the final step (every token is committed).
+    """
+    from .pipeline import guided_logits
+
+    B, H, W = shape
+    logits = guided_logits(model, grid.view(B, H, W), ctx, guidance_scale)  # (B, V, h, w)
+    logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
+    result = step_fn(logits, grid, total, ratio, temperature, mask_token_id, False, "gumbel", None, draws)
+    return torch.where(last, result.predicted, result.tokens)
 
 
 @contextlib.contextmanager
@@ -125,19 +141,17 @@ class FastDecoder:
             raise ValueError(f"vq_group_norm must be 'chunked' or 'native', got {self.vq_group_norm!r}")
         use_chunked_group_norm(pipe.vqvae.decoder, on=self.vq_group_norm == "chunked")  # either way: a later
         # enable_fast(vq_group_norm="native") undoes an earlier call's switch
-        self.step_fn = sampling.unmask_step
         mode = "full" if self.compile is True else self.compile
         if mode and mode not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {self.compile!r}")
-        self.transformer = pipe.transformer
+        self.step, self.step_fn = guided_step, sampling.unmask_step
         if mode == "blocks":
             compile_blocks(pipe)
+            self.step_fn = torch.compile(sampling.unmask_step, dynamic=False)  # fuses softmax, noise, argmax
         elif mode == "full":
-            self.transformer = CompiledUViT(pipe.transformer)
+            self.step = torch.compile(guided_step, dynamic=False)
             pipe.vqvae.decoder.compile(dynamic=False)
             pipe.text_encoder.compile(dynamic=False)
-        if mode:
-            self.step_fn = torch.compile(sampling.unmask_step, dynamic=False)  # fuses softmax, noise, argmax
         self.generator = torch.Generator(pipe.device)
         self.text_graphs: dict[tuple, _TextGraph] = {}
 
@@ -147,10 +161,10 @@ class FastDecoder:
             quantized = vq.quantize.lookup(tokens).contiguous(memory_format=torch.channels_last)
             return vq.decode_latents(quantized).float().clamp(0, 1)
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str], name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
         """Text encoding replayed from a CUDA graph per batch size (eager if the model cannot be captured)."""
         encoder = self.pipe.prompt_encoder
-        batch = encoder.tokenize(list(prompts))
+        batch = encoder.tokenize(list(prompts), name)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         key = tuple(ids.shape)
         entry = self.text_graphs.get(key)
@@ -202,15 +216,27 @@ class FastDecoder:
         return entry.tokens, entry.images
 
     def _program(self, bufs: dict[str, torch.Tensor], guidance_scale, start_step, num_steps, schedule, temperature):
-        from .pipeline import PromptEmbeddings
-
+        """What the graph holds: the per-call conditioning, every step (`guided_step`), the VQ decode."""
+        if not 0 <= start_step < num_steps:
+            raise ValueError(f"start_step must be in [0, {num_steps}), got {start_step}")
         pipe = self.pipe
-        embeds = PromptEmbeddings(bufs["hidden"], bufs["pooled"])
-        logits_fn = pipe.logits_fn(embeds, bufs["micro"], guidance_scale, model=self.transformer)
-        tokens = sampling.decode(logits_fn, bufs["tokens"], num_steps=num_steps,
-                                 mask_token_id=pipe.scheduler.mask_token_id, start_step=start_step, schedule=schedule,
-                                 temperature=temperature, total=bufs.get("total"), draw="gumbel",
-                                 generator=self.generator, step_fn=self.step_fn)
+        model, mask_id = pipe.transformer, pipe.scheduler.mask_token_id
+        B, H, W = shape = tuple(bufs["tokens"].shape)
+        device = bufs["tokens"].device
+        grid = bufs["tokens"].reshape(B, H * W)
+        total = bufs["total"] if "total" in bufs else (grid == mask_id).sum(dim=-1)
+        ratios = sampling.mask_ratios(num_steps, schedule, device)
+        temps = sampling.temperatures(num_steps, temperature, device)
+        last = torch.arange(num_steps, device=device) == num_steps - 1
+        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])  # once per call
+        draw_shape = (B, H * W, model.config.codebook_size)
+        for i in range(start_step, num_steps):
+            draws = sampling.gumbel_draws(draw_shape, False, self.generator, device)  # the last step's confidence
+            # noise is unused: drawing it anyway keeps one graph for all steps (the plain path's earlier draws
+            # come in the same order, so the tokens are the same)
+            grid = self.step(model, grid, ctx, draws, total, ratios[i], temps[i], last[i], guidance_scale, mask_id,
+                             shape, self.step_fn)
+        tokens = grid.view(shape)
         return tokens, self._vq_decode(tokens)
 
     def _capture(self, inputs, *settings) -> _Graph:

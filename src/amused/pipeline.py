@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import sampling
-from .images import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, resize
+from .images import (ImageInput, from_device, image_size, output_tensor, preprocess_image, preprocess_mask,
+                     resize, to_host)
 from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
 from .models.text_encoder import TextEncoder, packaged_encoder_path, text_model_class
 from .models.uvit import UViT, UViTConfig
@@ -198,15 +199,16 @@ class AmusedPipeline:
     # Conditioning
     # ------------------------------------------------------------------------------------------------------
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str], name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
+        """Text states and pooled vectors; warns about prompts cut to the encoder's length (`name`: the argument)."""
         encode = self._fast.encode if self._fast is not None else self.prompt_encoder
-        hidden, pooled = encode(prompts)
+        hidden, pooled = encode(prompts, name)
         return hidden.to(self.dtype), pooled.to(self.dtype)
 
     def _encode_negative(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Negative prompts; the all-empty case (the default) is encoded once and cached."""
         if any(prompts):
-            return self._encode(prompts)
+            return self._encode(prompts, "negative_prompt")
         key = (self.device, self.dtype)
         if key not in self._negative_cache:
             self._negative_cache[key] = self._encode([""])
@@ -227,13 +229,13 @@ class AmusedPipeline:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("`prompt` must be a string or a non-empty list of strings")
-            self._warn_truncation(prompts, "prompt")
             hidden, pooled = self._encode(prompts)
         else:
             hidden, pooled = encoder_hidden_states.to(self.device, self.dtype), prompt_embeds.to(self.device, self.dtype)
         n = hidden.shape[0]
         # Tiled (p1, p2, p1, p2, ...) as the reference repeats them, so seeds give the same images.
-        hidden, pooled = hidden.repeat(num_images_per_prompt, 1, 1), pooled.repeat(num_images_per_prompt, 1)
+        if num_images_per_prompt > 1:
+            hidden, pooled = hidden.repeat(num_images_per_prompt, 1, 1), pooled.repeat(num_images_per_prompt, 1)
         if not guided:
             return PromptEmbeddings(hidden, pooled)
         if negative_prompt_embeds is not None:
@@ -245,22 +247,15 @@ class AmusedPipeline:
             if len(negatives) != n:
                 raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts; give one string "
                                  f"for all, or one per prompt")
-            self._warn_truncation(negatives, "negative_prompt")
             neg_hidden, neg_pooled = self._encode_negative(negatives)
         if neg_hidden.shape[0] == 1 and n > 1:
             neg_hidden, neg_pooled = neg_hidden.expand(n, -1, -1), neg_pooled.expand(n, -1)
         if neg_hidden.shape[0] != n:
             raise ValueError(f"negative embeddings have batch {neg_hidden.shape[0]}, prompts have {n}")
-        neg_hidden = neg_hidden.repeat(num_images_per_prompt, 1, 1)
-        neg_pooled = neg_pooled.repeat(num_images_per_prompt, 1)
+        if num_images_per_prompt > 1:
+            neg_hidden = neg_hidden.repeat(num_images_per_prompt, 1, 1)
+            neg_pooled = neg_pooled.repeat(num_images_per_prompt, 1)
         return PromptEmbeddings(torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]))
-
-    def _warn_truncation(self, prompts: Sequence[str], name: str) -> None:
-        limit = self.prompt_encoder.max_length
-        for p in prompts:
-            if p and self.prompt_encoder.count_tokens(p) > limit:
-                warnings.warn(f"{name} {p[:40]!r}... is longer than the text encoder's {limit} tokens; the rest is "
-                              f"cut off", stacklevel=4)
 
     # ------------------------------------------------------------------------------------------------------
     # The shared generation path
@@ -269,19 +264,9 @@ class AmusedPipeline:
     def logits_fn(self, embeds: PromptEmbeddings, micro_conds: torch.Tensor, guidance_scale: float,
                   model: Callable | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """tokens (B, h, w) -> guided logits (B, V, h, w), through `model` (default: the U-ViT)."""
-        guided = guidance_scale > 1.0
         model = model or self.transformer
         ctx = model.condition(embeds.hidden, embeds.pooled, micro_conds)  # once per call, not per step
-
-        def fn(tokens: torch.Tensor) -> torch.Tensor:
-            model_input = torch.cat([tokens, tokens]) if guided else tokens
-            logits = model.forward_tokens(model_input, ctx)
-            if not guided:
-                return logits
-            uncond, cond = logits.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-
-        return fn
+        return lambda tokens: guided_logits(model, tokens, ctx, guidance_scale)
 
     def resolve_defaults(self, num_inference_steps, guidance_scale, temperature):
         """Arguments left as None take the checkpoint's `generation_config.json` values, else diffusers'."""
@@ -349,32 +334,37 @@ class AmusedPipeline:
             tokens, images = self._fast.run(embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance_scale,
                                             start=start, num_steps=num_inference_steps, schedule=schedule,
                                             temperature=temperature, generator=generator)
-            tokens, images = tokens.clone(), images.clone()  # graph outputs are overwritten by the next replay
+            tokens = tokens.clone()  # graph outputs are overwritten by the next replay (images: by _finish)
         else:
             tokens = sampling.decode(self.logits_fn(embeds, micro_conds, guidance_scale), start.tokens,
                                      num_steps=num_inference_steps, mask_token_id=self.scheduler.mask_token_id,
                                      start_step=start.start_step, schedule=schedule, temperature=temperature,
                                      total=start.total, draw=draw, generator=generator, callback=user_callback)
-        if output_type != "latent":
-            images = postprocess(self._decode_checked(tokens, images), output_type)
-        else:
-            images = tokens
+        images = tokens if output_type == "latent" else self._finish(tokens, images, output_type)
         return AmusedPipelineOutput(images, steps) if return_dict else (images,)
 
-    def _decode_checked(self, tokens: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
-        """VQ-decode (unless done already), and never hand out NaN/inf pixels: a reduced-precision decode
-        that overflowed is redone in float32 (one host sync, where the images go to the host anyway)."""
+    def _finish(self, tokens: torch.Tensor, images: torch.Tensor | None, output_type: str):
+        """VQ-decode (unless done already) and convert to `output_type`, never handing out NaN/inf pixels: a
+        reduced-precision decode that overflowed is redone in float32. The finiteness flag and the output come
+        to the host together, so a call waits for the device once."""
         if images is None:
             images = self.vqvae.decode(tokens)
-        images = images.float()
-        if not bool(torch.isfinite(images).all()):
-            warnings.warn(f"the {self.vqvae.dtype} / reduced-precision VQ decode overflowed; decoding again in "
-                          f"float32")
-            with torch.autocast(self.device.type, enabled=False):
-                images = self.vqvae.float().decode(tokens).float()
-            if not bool(torch.isfinite(images).all()):
-                raise FloatingPointError("the VQ decoder gives non-finite pixels even in float32: corrupt weights?")
-        return images
+        for attempt in range(2):
+            output = output_tensor(images, output_type)
+            if output_type == "pt":
+                output = output.clone() if output is images else output  # never the graph's own buffer
+                finite = bool(torch.isfinite(output).all())
+            else:
+                output, finite = to_host(output, torch.isfinite(images).all())
+                finite = bool(finite)
+            if finite:
+                return from_device(output, output_type)
+            if attempt == 0:
+                warnings.warn(f"the {self.vqvae.dtype} / reduced-precision VQ decode overflowed; decoding again in "
+                              f"float32")
+                with torch.autocast(self.device.type, enabled=False):
+                    images = self.vqvae.float().decode(tokens).float()
+        raise FloatingPointError("the VQ decoder gives non-finite pixels even in float32: corrupt weights?")
 
     # ------------------------------------------------------------------------------------------------------
     # LoRA (amused.lora does the work; peft underneath)
@@ -503,6 +493,15 @@ class AmusedPipeline:
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=masking_schedule)
+
+
+def guided_logits(model, tokens: torch.Tensor, ctx, guidance_scale: float) -> torch.Tensor:
+    """(B, h, w) tokens -> (B, V, h, w) logits, classifier-free guided when guidance_scale > 1 (the conditioning
+    `ctx` then holds [negatives..., positives...]): uncond + g * (cond - uncond)."""
+    if guidance_scale <= 1.0:
+        return model.forward_tokens(tokens, ctx)
+    uncond, cond = model.forward_tokens(torch.cat([tokens, tokens]), ctx).chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
 
 
 @dataclass

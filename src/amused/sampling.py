@@ -74,6 +74,15 @@ def gumbel(uniform: torch.Tensor) -> torch.Tensor:
     return -torch.log((-torch.log(uniform.clamp(1e-20))).clamp(1e-20))
 
 
+def gumbel_draws(logits_shape: tuple[int, ...], last: bool, generator: torch.Generator | None,
+                 device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The uniform draws of one "gumbel" step, in stream order: (B, L, V) for the token choice, then (B, L) for
+    the confidence noise (none on the last step, which re-masks nothing)."""
+    u = torch.rand(logits_shape, device=device, generator=generator, dtype=torch.float32)
+    noise = None if last else torch.rand(logits_shape[:-1], device=device, generator=generator, dtype=torch.float32)
+    return u, noise
+
+
 class StepResult(NamedTuple):
     tokens: torch.Tensor  # (B, L) grid after this step (re-masked where not confident)
     predicted: torch.Tensor  # (B, L) every position filled with a sampled token
@@ -82,7 +91,8 @@ class StepResult(NamedTuple):
 
 def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor, ratio: torch.Tensor,
                 temperature: torch.Tensor, mask_token_id: int, last: bool, draw: Draw = "reference",
-                generator: torch.Generator | None = None) -> StepResult:
+                generator: torch.Generator | None = None,
+                draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
     """One decoding step.
 
     Args:
@@ -95,7 +105,12 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         last: whether this is the final step (commit everything).
         draw: "reference" (diffusers' random stream) or "gumbel" (on-device, graph-capturable).
         generator: torch.Generator for the draws.
+        draws: for draw="gumbel", the step's uniform draws `gumbel_draws(...)` made beforehand (the same numbers
+            as drawing here); a compiled step takes them as inputs, since `torch.compile` cannot trace a
+            draw from a private generator.
     """
+    if draw == "gumbel" and draws is None:
+        draws = gumbel_draws(logits.shape, last, generator, logits.device)
     unknown = tokens == mask_token_id  # (B, L)
     if draw == "reference":
         probs = logits.softmax(dim=-1)  # (B, L, V)
@@ -105,7 +120,7 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         predicted = torch.multinomial(flat, 1, generator=generator).to(tokens.device).view(tokens.shape)
         log_p = torch.gather(probs, -1, predicted[..., None])[..., 0].float().clamp(1e-20).log()
     else:
-        u = torch.rand(logits.shape, device=logits.device, generator=generator, dtype=torch.float32)
+        u = draws[0]
         log_probs = logits.float().log_softmax(dim=-1)
         predicted = (log_probs + gumbel(u)).argmax(dim=-1)  # Gumbel-max: a sample of softmax(logits)
         log_p = torch.gather(log_probs, -1, predicted[..., None])[..., 0].clamp(min=math.log(1e-20))
@@ -119,7 +134,7 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         noise = torch.zeros_like(log_p, device=generator.device if generator is not None else log_p.device)
         noise = noise.uniform_(0, 1, generator=generator).to(log_p.device)
     else:
-        noise = torch.rand(log_p.shape, device=log_p.device, generator=generator, dtype=torch.float32)
+        noise = draws[1]
     confidence = torch.where(unknown, log_p + temperature * gumbel(noise), torch.inf)  # (B, L)
 
     n_unknown = unknown.sum(dim=-1, keepdim=True)  # (B, 1)

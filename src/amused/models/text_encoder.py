@@ -8,6 +8,8 @@ give their penultimate states and a mean-pooled vector over the real tokens.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -37,25 +39,47 @@ class TextEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+    def tokenize(self, prompts: list[str], name: str = "prompt") -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, (B, max_length) each, padded and truncated; warns, naming the argument
+        `name`, about every prompt that is cut off.
+
+        One tokenizer call serves both: it tokenizes to one token more than is kept, and a prompt that fills
+        that extra position is longer than the limit (only those are tokenized again, truncated properly, so
+        that they keep their end token).
+        """
+        n = self.max_length
+        batch = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=n + 1, return_tensors="pt")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        cut = (mask[:, 0] if left else mask[:, n]).bool().tolist()
+        ids, mask = (ids[:, 1:], mask[:, 1:]) if left else (ids[:, :n], mask[:, :n])
+        if any(cut):
+            rows = [i for i, c in enumerate(cut) if c]
+            for i in rows:
+                warnings.warn(f"{name} {prompts[i][:40]!r}... is longer than the text encoder's {n} tokens; the rest "
+                              f"is cut off", stacklevel=3)
+            again = self.tokenizer([prompts[i] for i in rows], padding="max_length", truncation=True, max_length=n,
+                                   return_tensors="pt")
+            ids, mask = ids.clone(), mask.clone()
+            ids[rows], mask[rows] = again["input_ids"], again["attention_mask"]
+        return {"input_ids": ids.contiguous(), "attention_mask": mask.contiguous()}
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens the prompt needs, special tokens included (to tell the user about truncation)."""
         return len(self.tokenizer(prompt, truncation=False)["input_ids"])
 
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, prompts: list[str], name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts.
 
         Args:
             prompts: list of B strings.
+            name: the argument they came from, for the truncation warning.
 
         Returns:
             hidden: (B, max_length, hidden) penultimate-layer states.
             pooled: (B, pooled_dim) pooled embedding.
         """
-        batch = self.tokenize(list(prompts))
+        batch = self.tokenize(list(prompts), name)
         return self.encode_ids(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
     def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
