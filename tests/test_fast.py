@@ -13,17 +13,37 @@ from amused.pipeline import AmusedPipeline
 from conftest import seeded
 
 
-def test_fused_projections_keep_logits(ours):
+def test_fused_projections_keep_logits_state_dict_and_memory(ours):
+    """`UViT.fuse_projections` (fused Q/K/V, and `condition`'s ~100 projections as one matmul per shared input)
+    gives the same logits, keeps the state dict, and adds no weight memory: the parameters become views of the
+    fused matrices. After `.to()` the fused matrices follow (they are buffers)."""
+    model = ours.transformer
     ids = torch.randint(0, 24, (2, 4, 4), generator=seeded(0))
     hidden, pooled, micro = torch.randn(2, 16, 8), torch.randn(2, 8), torch.tensor([[8.0, 8, 0, 0, 6]] * 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    storage = sum(p.untyped_storage().nbytes() for p in model.parameters())
     with torch.no_grad():
-        plain = ours.transformer(ids, hidden, pooled, micro)
-        for m in ours.transformer.modules():
-            if hasattr(m, "fuse_projections"):
-                m.fuse_projections()
-        fused = ours.transformer(ids, hidden, pooled, micro)
-    assert any(getattr(m, "fused_qkv", None) is not None for m in ours.transformer.modules())
+        plain = model(ids, hidden, pooled, micro)
+        model.fuse_projections()
+        fused = model(ids, hidden, pooled, micro)
+    assert model.fused_modulation is not None and model.fused_text_kv is not None
+    assert any(getattr(m, "fused_qkv", None) is not None for m in model.modules())
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    shared = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(shared.values()) <= storage  # views of the fused matrices, not copies
+    first = model.transformer_layers[0].norm1.linear.weight
+    assert first.untyped_storage().data_ptr() == model.fused_modulation.untyped_storage().data_ptr()
+    model.to(torch.float64)
+    assert model.fused_modulation.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, hidden.double(), pooled.double(), micro.double()).float(), plain,
+                                   rtol=1e-4, atol=1e-4)
+        model.unfuse_projections()
+        assert model.fused_modulation is None
+        torch.testing.assert_close(model(ids, hidden.double(), pooled.double(), micro.double()).float(), plain,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_graph_program_equals_plain_path_with_same_noise(ref_dir):

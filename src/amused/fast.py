@@ -133,9 +133,7 @@ class FastDecoder:
 
     def __post_init__(self):
         pipe = self.pipe
-        for module in pipe.transformer.modules():
-            if hasattr(module, "fuse_projections"):
-                module.fuse_projections() if self.fuse else module.unfuse_projections()
+        pipe.transformer.fuse_projections() if self.fuse else pipe.transformer.unfuse_projections()
         pipe.vqvae.to(memory_format=torch.channels_last)
         if self.vq_group_norm not in ("chunked", "native"):
             raise ValueError(f"vq_group_norm must be 'chunked' or 'native', got {self.vq_group_norm!r}")

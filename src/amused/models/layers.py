@@ -62,21 +62,24 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias)])
-        self.fused_qkv: torch.Tensor | None = None  # set by fuse_projections(), for inference only
-        self.fused_kv: torch.Tensor | None = None
+        # Set by fuse_projections(), for inference only; buffers, so that .to() moves them, but not saved.
+        self.register_buffer("fused_qkv", None, persistent=False)
+        self.register_buffer("fused_kv", None, persistent=False)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Concatenate Q/K/V (self-attention) or K/V (cross-attention) weights into one matmul.
+        """One matmul for Q/K/V (self-attention) or K/V (cross-attention): the weights laid out as one matrix
+        (`share_rows`: the parameters become views of it, no extra memory).
 
-        A snapshot: call again after the weights change (LoRA fusing), or `unfuse_projections()`.
+        Call again after the weights are replaced (LoRA fusing), or `unfuse_projections()`.
         """
-        weights = [self.to_q.weight, self.to_k.weight, self.to_v.weight]
         if any(lin.bias is not None for lin in (self.to_q, self.to_k, self.to_v)):
             return  # the published model has no biases; keep the plain path for the rare biased config
-        if self.to_q.in_features == self.to_k.in_features:
-            self.fused_qkv = torch.cat(weights)
-        self.fused_kv = torch.cat(weights[1:])
+        if self.to_q.in_features == self.to_k.in_features:  # self-attention: Q/K/V, whose K/V rows are the KV
+            self.fused_qkv = share_rows([self.to_q, self.to_k, self.to_v])
+            self.fused_kv = self.fused_qkv[self.to_q.out_features:]
+        else:
+            self.fused_kv = share_rows([self.to_k, self.to_v])
 
     def unfuse_projections(self) -> None:
         self.fused_qkv = self.fused_kv = None
@@ -103,6 +106,21 @@ class Attention(nn.Module):
         v = v.view(B, v.shape[1], self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, L, d)
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1))
+
+
+@torch.no_grad()
+def share_rows(linears: list[nn.Linear]) -> torch.Tensor:
+    """The weights of bias-free linears that read the same input, concatenated into one (sum of outputs, in)
+    matrix, each weight turned into a view of its rows: one matmul then computes all of them, and the
+    parameters (names, state dict) are unchanged, with no second copy in memory."""
+    if any(lin.bias is not None for lin in linears):
+        raise ValueError("share_rows takes bias-free linears")
+    matrix = torch.cat([lin.weight for lin in linears])
+    row = 0
+    for lin in linears:
+        lin.weight.data = matrix[row:row + lin.out_features]
+        row += lin.out_features
+    return matrix
 
 
 class GEGLU(nn.Module):
@@ -148,9 +166,11 @@ class AdaNorm(nn.Module):
         else:
             raise ValueError(f"AdaNorm kind must be 'rms' or 'layer', got {kind!r}")
 
-    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 + scale, shift), each (B, 1, C): constant over decoding steps, so computed once."""
-        scale, shift = self.linear(F.silu(cond)).chunk(2, dim=1)  # (B, C) each
+    def modulation(self, cond: torch.Tensor, projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (B, 1, C): constant over decoding steps, so computed once. `projected`:
+        `self.linear(silu(cond))` when computed already (in one matmul with other norms')."""
+        projected = self.linear(F.silu(cond)) if projected is None else projected
+        scale, shift = projected.chunk(2, dim=1)  # (B, C) each
         return (1 + scale)[:, None, :], shift[:, None, :]
 
     def forward(self, x: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

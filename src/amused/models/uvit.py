@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import AdaNorm, Attention, FeedForward, GlobalResponseNorm, RMSNorm, sinusoidal_embedding
+from .layers import AdaNorm, Attention, FeedForward, GlobalResponseNorm, RMSNorm, share_rows, sinusoidal_embedding
 
 
 @dataclass
@@ -99,9 +99,11 @@ class ConvNextBlock(nn.Module):
         self.channelwise_dropout = nn.Dropout(cfg.hidden_dropout)
         self.cond_embeds_mapper = nn.Linear(cfg.hidden_size, c * 2, bias=cfg.use_bias)
 
-    def film(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 + scale, shift), each (B, C, 1, 1), from the conditioning vector; computed once per call."""
-        scale, shift = self.cond_embeds_mapper(F.silu(cond)).chunk(2, dim=1)  # (B, C) each
+    def film(self, cond: torch.Tensor, projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (B, C, 1, 1), from the conditioning vector; computed once per call.
+        `projected`: `cond_embeds_mapper(silu(cond))` when computed already."""
+        projected = self.cond_embeds_mapper(F.silu(cond)) if projected is None else projected
+        scale, shift = projected.chunk(2, dim=1)  # (B, C) each
         return 1 + scale[:, :, None, None], shift[:, :, None, None]
 
     def forward(self, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -125,12 +127,25 @@ class BlockAttention(nn.Module):
         self.attn1 = Attention(c, cfg.block_num_heads, head_dim, c, cfg.use_bias, cfg.use_bias)
         self.norm2 = RMSNorm(c, 1e-6)
         self.attn2 = Attention(c, cfg.block_num_heads, head_dim, c, cfg.use_bias, cfg.use_bias)
+        self.register_buffer("fused_kv", None, persistent=False)  # both attentions' K/V: fuse_projections()
 
-    def context(self, text: torch.Tensor) -> tuple:
-        """Keys/values of both attentions over the text; computed once per call."""
-        if self.kv_mapper is not None:
-            text = self.kv_mapper(F.silu(text))  # (B, S, C)
-        return self.attn1.kv(text), self.attn2.kv(text)
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Both attentions read the same text states: their keys and values in one matmul."""
+        self.fused_kv = share_rows([self.attn1.to_k, self.attn1.to_v, self.attn2.to_k, self.attn2.to_v])
+        half = self.fused_kv.shape[0] // 2
+        self.attn1.fused_kv, self.attn2.fused_kv = self.fused_kv[:half], self.fused_kv[half:]
+
+    def context(self, text: torch.Tensor, mapped: torch.Tensor | None = None) -> tuple:
+        """Keys/values of both attentions over the text; computed once per call. `mapped`: the
+        `kv_mapper(silu(text))` states when computed already."""
+        if mapped is None:
+            mapped = self.kv_mapper(F.silu(text)) if self.kv_mapper is not None else text  # (B, S, C)
+        if self.fused_kv is not None:
+            B, S, _ = mapped.shape
+            kv = F.linear(mapped, self.fused_kv).view(B, S, 4, -1).permute(2, 0, 1, 3).contiguous()
+            return (kv[0], kv[1]), (kv[2], kv[3])
+        return self.attn1.kv(mapped), self.attn2.kv(mapped)
 
     def forward(self, x: torch.Tensor, context: tuple) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), kv=context[0])
@@ -238,6 +253,10 @@ class UViT(nn.Module):
         self.up_block = UViTBlock(cfg, downsample=False, upsample=cfg.upsample)
         self.mlm_layer = MlmHead(cfg)
         self.gradient_checkpointing = False
+        # fuse_projections(): the per-call projections that share an input, as one matrix each (not saved)
+        self.register_buffer("fused_modulation", None, persistent=False)  # every FiLM / adaptive norm, on cond
+        self.register_buffer("fused_text_kv", None, persistent=False)  # every layer's cross-attention K/V
+        self.register_buffer("fused_kv_mapper", None, persistent=False)  # every block attention's text mapper
 
     @property
     def dtype(self) -> torch.dtype:
@@ -267,21 +286,85 @@ class UViT(nn.Module):
         for block in [*self.transformer_layers, self.down_block, self.up_block, self.mlm_layer, self.embed]:
             block.compile(dynamic=False, **options)
 
+    def _modulated(self) -> list[nn.Linear]:
+        """The projections of the conditioning vector (FiLM and adaptive norms), in `condition`'s order."""
+        down, up = [r.cond_embeds_mapper for r in self.down_block.res_blocks], [r.cond_embeds_mapper for r in
+                                                                               self.up_block.res_blocks]
+        return down + [n.linear for layer in self.transformer_layers for n in (layer.norm1, layer.norm2, layer.norm3)] + up
+
+    def _block_attentions(self) -> list[BlockAttention]:
+        return [*self.down_block.attention_blocks, *self.up_block.attention_blocks]
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Inference layout: fused Q/K/V per attention, and the ~100 small projections of `condition` (every
+        norm modulation, every cross-attention key/value) as one matmul per shared input. The parameters
+        become views of the fused matrices (`share_rows`): no extra memory, state dict unchanged. Call again
+        after the weights are replaced; the published model has no biases (with biases: Q/K/V only)."""
+        modulated, blocks = self._modulated(), self._block_attentions()
+        layer_kv = [lin for layer in self.transformer_layers for lin in (layer.attn2.to_k, layer.attn2.to_v)]
+        if any(lin.bias is not None for lin in modulated + layer_kv + [b.attn1.to_k for b in blocks]):
+            for module in self.modules():
+                if isinstance(module, Attention):
+                    module.fuse_projections()
+            return
+        for layer in self.transformer_layers:  # the cross-attentions' K/V go into the matrices below
+            layer.attn1.fuse_projections()
+        self.fused_modulation = share_rows(modulated)
+        self.fused_text_kv = share_rows(layer_kv)
+        rows = self.transformer_layers[0].attn2.to_k.out_features * 2
+        for i, layer in enumerate(self.transformer_layers):
+            layer.attn2.fused_kv = self.fused_text_kv[i * rows:(i + 1) * rows]
+        for block in blocks:
+            block.fuse_projections()
+        mappers = [b.kv_mapper for b in blocks]
+        if mappers and all(m is not None and m.bias is None for m in mappers):
+            self.fused_kv_mapper = share_rows(mappers)
+
+    def unfuse_projections(self) -> None:
+        """Back to one matmul per projection (the weights stay where they are)."""
+        self.fused_modulation = self.fused_text_kv = self.fused_kv_mapper = None
+        for module in self.modules():
+            if isinstance(module, (Attention, BlockAttention)):
+                module.fused_kv = None
+            if isinstance(module, Attention):
+                module.fused_qkv = None
+
     def condition(self, encoder_hidden_states: torch.Tensor, pooled_text_emb: torch.Tensor,
                   micro_conds: torch.Tensor) -> "Conditioning":
         """Everything of the forward pass that depends on the text and micro-conditioning only.
 
         It is the same for every decoding step of a call, so the sampler computes it once and runs
-        `forward_tokens` per step: per step that saves ~150 small matmuls at the published size.
+        `forward_tokens` per step: per step that saves ~150 small matmuls at the published size (after
+        `fuse_projections`, `condition` itself runs them as a few large ones).
         """
         text = self.encoder_proj_layer_norm(self.encoder_proj(encoder_hidden_states))  # (B, S, d)
         B = pooled_text_emb.shape[0]
         micro = sinusoidal_embedding(micro_conds.flatten(), self.config.micro_cond_encode_dim).reshape(B, -1)
         cond = torch.cat([pooled_text_emb, micro], dim=1).to(self.dtype)
         cond = self.cond_embed(cond).to(text.dtype)  # (B, d)
-        return Conditioning(down=self.down_block.context(cond, text),
-                            layers=[layer.context(cond, text) for layer in self.transformer_layers],
-                            up=self.up_block.context(cond, text))
+        if self.fused_modulation is None:
+            return Conditioning(down=self.down_block.context(cond, text),
+                                layers=[layer.context(cond, text) for layer in self.transformer_layers],
+                                up=self.up_block.context(cond, text))
+        modulated = self._modulated()
+        projected = F.linear(F.silu(cond), self.fused_modulation).split([m.out_features for m in modulated], dim=1)
+        B, S, n = text.shape[0], text.shape[1], len(self.transformer_layers)
+        kvs = F.linear(text, self.fused_text_kv).view(B, S, n, 2, -1).permute(2, 3, 0, 1, 4).contiguous()  # one
+        # copy, so that every layer's keys and values are contiguous (B, S, C) tensors, as unfused
+        blocks = self._block_attentions()
+        mapped = (F.linear(F.silu(text), self.fused_kv_mapper).chunk(len(blocks), dim=-1)
+                  if self.fused_kv_mapper is not None else [None] * len(blocks))
+        contexts = [b.context(text, m) for b, m in zip(blocks, mapped)]
+        n_down, n_up = len(self.down_block.res_blocks), len(self.up_block.res_blocks)
+        films = [r.film(cond, p) for r, p in zip([*self.down_block.res_blocks, *self.up_block.res_blocks],
+                                                 [*projected[:n_down], *projected[len(projected) - n_up:]])]
+        norms = projected[n_down:len(projected) - n_up]
+        layers = [(layer.norm1.modulation(cond, norms[3 * i]), layer.norm2.modulation(cond, norms[3 * i + 1]),
+                   layer.norm3.modulation(cond, norms[3 * i + 2]), (kvs[i, 0], kvs[i, 1]))
+                  for i, layer in enumerate(self.transformer_layers)]
+        return Conditioning(down=list(zip(films[:n_down], contexts[:n_down])), layers=layers,
+                            up=list(zip(films[n_down:], contexts[n_down:])))
 
     def forward_tokens(self, input_ids: torch.Tensor, ctx: "Conditioning") -> torch.Tensor:
         """(B, h, w) token ids + precomputed conditioning -> (B, codebook_size, h, w) logits."""
