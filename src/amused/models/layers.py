@@ -166,11 +166,13 @@ class AdaNorm(nn.Module):
         else:
             raise ValueError(f"AdaNorm kind must be 'rms' or 'layer', got {kind!r}")
 
-    def modulation(self, cond: torch.Tensor, projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 + scale, shift), each (B, 1, C): constant over decoding steps, so computed once. `projected`:
-        `self.linear(silu(cond))` when computed already (in one matmul with other norms')."""
-        projected = self.linear(F.silu(cond)) if projected is None else projected
-        scale, shift = projected.chunk(2, dim=1)  # (B, C) each
+    def modulation(self, cond: torch.Tensor, computed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (B, 1, C): constant over decoding steps, so computed once. `computed`: the
+        (B, 2C) `[1 + scale | shift]` when computed already (with every other norm's, in one matmul)."""
+        if computed is not None:
+            scale1, shift = computed.chunk(2, dim=1)
+            return scale1[:, None, :], shift[:, None, :]
+        scale, shift = self.linear(F.silu(cond)).chunk(2, dim=1)  # (B, C) each
         return (1 + scale)[:, None, :], shift[:, None, :]
 
     def forward(self, x: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

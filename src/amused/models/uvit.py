@@ -99,11 +99,13 @@ class ConvNextBlock(nn.Module):
         self.channelwise_dropout = nn.Dropout(cfg.hidden_dropout)
         self.cond_embeds_mapper = nn.Linear(cfg.hidden_size, c * 2, bias=cfg.use_bias)
 
-    def film(self, cond: torch.Tensor, projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def film(self, cond: torch.Tensor, computed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 + scale, shift), each (B, C, 1, 1), from the conditioning vector; computed once per call.
-        `projected`: `cond_embeds_mapper(silu(cond))` when computed already."""
-        projected = self.cond_embeds_mapper(F.silu(cond)) if projected is None else projected
-        scale, shift = projected.chunk(2, dim=1)  # (B, C) each
+        `computed`: the (B, 2C) `[1 + scale | shift]` when computed already (`UViT.condition`, fused)."""
+        if computed is not None:
+            scale1, shift = computed.chunk(2, dim=1)
+            return scale1[:, :, None, None], shift[:, :, None, None]
+        scale, shift = self.cond_embeds_mapper(F.silu(cond)).chunk(2, dim=1)  # (B, C) each
         return 1 + scale[:, :, None, None], shift[:, :, None, None]
 
     def forward(self, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -255,6 +257,7 @@ class UViT(nn.Module):
         self.gradient_checkpointing = False
         # fuse_projections(): the per-call projections that share an input, as one matrix each (not saved)
         self.register_buffer("fused_modulation", None, persistent=False)  # every FiLM / adaptive norm, on cond
+        self.register_buffer("fused_modulation_offset", None, persistent=False)
         self.register_buffer("fused_text_kv", None, persistent=False)  # every layer's cross-attention K/V
         self.register_buffer("fused_kv_mapper", None, persistent=False)  # every block attention's text mapper
 
@@ -311,6 +314,9 @@ class UViT(nn.Module):
         for layer in self.transformer_layers:  # the cross-attentions' K/V go into the matrices below
             layer.attn1.fuse_projections()
         self.fused_modulation = share_rows(modulated)
+        self.fused_modulation_offset = torch.cat([  # the "1 +" of every (1 + scale), added in one kernel
+            torch.arange(lin.out_features, device=lin.weight.device) < lin.out_features // 2 for lin in modulated
+        ]).to(self.fused_modulation.dtype)
         self.fused_text_kv = share_rows(layer_kv)
         rows = self.transformer_layers[0].attn2.to_k.out_features * 2
         for i, layer in enumerate(self.transformer_layers):
@@ -323,7 +329,7 @@ class UViT(nn.Module):
 
     def unfuse_projections(self) -> None:
         """Back to one matmul per projection (the weights stay where they are)."""
-        self.fused_modulation = self.fused_text_kv = self.fused_kv_mapper = None
+        self.fused_modulation = self.fused_modulation_offset = self.fused_text_kv = self.fused_kv_mapper = None
         for module in self.modules():
             if isinstance(module, (Attention, BlockAttention)):
                 module.fused_kv = None
@@ -348,7 +354,8 @@ class UViT(nn.Module):
                                 layers=[layer.context(cond, text) for layer in self.transformer_layers],
                                 up=self.up_block.context(cond, text))
         modulated = self._modulated()
-        projected = F.linear(F.silu(cond), self.fused_modulation).split([m.out_features for m in modulated], dim=1)
+        projected = F.linear(F.silu(cond), self.fused_modulation) + self.fused_modulation_offset  # [1 + scale | shift]
+        projected = projected.split([m.out_features for m in modulated], dim=1)  # per module, views
         B, S, n = text.shape[0], text.shape[1], len(self.transformer_layers)
         kvs = F.linear(text, self.fused_text_kv).view(B, S, n, 2, -1).permute(2, 3, 0, 1, 4).contiguous()  # one
         # copy, so that every layer's keys and values are contiguous (B, S, C) tensors, as unfused
