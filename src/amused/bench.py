@@ -249,33 +249,42 @@ def graph_ms(fn, replays: int = 20) -> float:
     return replay_ms(graph, replays)
 
 
-def _breakdown(pipe, prompts, steps: int, call_ms: float) -> dict:
-    """Where one call's time goes: each stage captured and replayed as its own CUDA graph and timed on the GPU,
-    and the rest of the call (host work: checks, tokenising, launches, the copy to the host)."""
+def stages(pipe, batch: int) -> dict:
+    """The fast path's stages for a captured batch size, each as a function to capture and replay on its own:
+    "condition" (once a call), "step" (one decoding step: U-ViT, guidance, sampling), "step_draws" (its
+    random draws), "vq_decode"; and the call's own graphs: "text_graph", "graph" (all steps + VQ decode)."""
     from . import sampling
 
     fast = pipe._fast
-    batch = len(prompts)
     text = next(e for k, e in fast.text_graphs.items() if k[0] == batch)
     key, entry = next((k, g) for k, g in fast.graphs.items() if k[0][0] == batch)
     model, mask_id, guidance = pipe.transformer, pipe.scheduler.mask_token_id, key[6]
     bufs = entry.inputs
     B, H, W = shape = tuple(bufs["tokens"].shape)
+    dev = bufs["tokens"].device
     with torch.inference_mode():
         ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])
         grid = bufs["tokens"].reshape(B, H * W)
         total = (grid == mask_id).sum(dim=-1)
-        dev = grid.device
         draw_shape = (B, H * W, model.config.codebook_size)
         draws = sampling.gumbel_draws(draw_shape, False, None, dev)
-        ratio, temp, last = torch.tensor(0.5, device=dev), torch.tensor(1.0, device=dev), torch.tensor(False, device=dev)
-    out = {"text_encode": replay_ms(text.graph) if text.graph is not None else None,
-           "condition": graph_ms(lambda: model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])),
-           "step": graph_ms(lambda: fast.step(model, grid, ctx, draws, total, ratio, temp, last, guidance, mask_id,
-                                              shape, fast.step_fn)),
-           "step_draws": graph_ms(lambda: sampling.gumbel_draws(draw_shape, False, None, dev)),
-           "vq_decode": graph_ms(lambda: fast._vq_decode(entry.tokens)),
-           "graph_total": replay_ms(entry.graph)}
+        ratio, temp = torch.tensor(0.5, device=dev), torch.tensor(1.0, device=dev)
+        last = torch.tensor(False, device=dev)
+    return {"condition": lambda: model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"]),
+            "step": lambda: fast.step(model, grid, ctx, draws, total, ratio, temp, last, guidance, mask_id, shape,
+                                      fast.step_fn),
+            "step_draws": lambda: sampling.gumbel_draws(draw_shape, False, None, dev),
+            "vq_decode": lambda: fast._vq_decode(entry.tokens),
+            "text_graph": text.graph, "graph": entry.graph}
+
+
+def _breakdown(pipe, prompts, steps: int, call_ms: float) -> dict:
+    """Where one call's time goes: each stage captured and replayed as its own CUDA graph and timed on the GPU,
+    and the rest of the call (host work: checks, tokenising, launches, the copy to the host)."""
+    parts = stages(pipe, len(prompts))
+    out = {"text_encode": replay_ms(parts["text_graph"]) if parts["text_graph"] is not None else None,
+           **{name: graph_ms(parts[name]) for name in ("condition", "step", "step_draws", "vq_decode")},
+           "graph_total": replay_ms(parts["graph"])}
     out["steps_total"] = steps * (out["step"] + out["step_draws"])
     out["gpu_total"] = out["graph_total"] + (out["text_encode"] or 0)
     out["host_and_rest"] = call_ms - out["gpu_total"]
