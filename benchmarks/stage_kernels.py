@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from amused.bench import PROMPTS, graph_ms, random_pipeline, stages, timed
 
-BACKENDS = ("default", "cudnn", "flash", "efficient")
+BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
 
 
 def kernels_of(fn, replays: int = 5, top: int = 15) -> dict:
@@ -56,7 +56,7 @@ def sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
     return sdpa_kernel([backend, SDPBackend.MATH])  # math: for the shapes the backend refuses
 
 
@@ -69,6 +69,10 @@ def main() -> None:
     p.add_argument("--out", default="stage_kernels.json")
     args = p.parse_args()
     prompts = (PROMPTS * args.batch)[:args.batch]
+    # The backend is chosen when a graph is traced; compile caches are keyed on the graph before that choice,
+    # so with them on, every row after the first would replay the first one's kernels.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     rows = []
     for backend in args.sdpa:
         torch._dynamo.reset()

@@ -121,7 +121,7 @@ def count_flops(pipe, batch: int, guided: bool = True) -> dict:
     return out
 
 
-def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, repeats: int = 7,
+def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, repeats: int = 30,
         device: str = "cuda", dtype: str = "fp16", model: str | None = None, reference: bool = True,
         reference_compile: bool = False, compile: bool | str = True, out: str | None = None,
         fast_options: dict | None = None) -> list[dict]:
@@ -208,7 +208,7 @@ def _graph_matches_plain(pipe, steps: int) -> dict:
 
 def _host_syncs(fn) -> list[str]:
     """Where one call makes the host wait for the GPU (torch's sync debug mode; file:line of each). The fast
-    path should show only the end: the finite-pixels check and the copy of the images to the host."""
+    path should show only one, at the end: the images and their finiteness flag coming to the host."""
     import warnings
 
     torch.cuda.synchronize()
@@ -322,7 +322,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--preset", nargs="+", default=["amused-256", "amused-512"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--no-reference", action="store_true", help="skip diffusers")

@@ -3,8 +3,9 @@
 Why: the reference spends ~60 ms a step on a transformer whose arithmetic takes ~1 ms; the time goes to
 kernel launches and a host sync every step. Our sampler makes no host sync (`sampling.py`), so all steps,
 the Gumbel draws and the VQ decode can be captured once per (batch, resolution, steps, settings) and replayed
-with a single launch. On top: fused Q/K/V projections, SDPA attention, optional `torch.compile` of the
-U-ViT and VQ decoder (kernel fusion), channels-last VQ convolutions, bf16 VQ decoding with a NaN guard.
+with a single launch. On top: the per-call conditioning's ~100 projections as a few matmuls and fused Q/K/V
+(`UViT.fuse_projections`), one compiled graph per decoding step (`guided_step`: U-ViT, guidance and sampler
+fuse), SDPA attention, a compiled text encoder and VQ decoder, channels-last bf16 VQ decoding with a NaN guard.
 
     pipe = AmusedPipeline.from_pretrained(..., torch_dtype=torch.float16).to("cuda")
     pipe.enable_fast(compile=True)     # graphs are captured lazily, on the first call of each shape
@@ -12,7 +13,7 @@ U-ViT and VQ decoder (kernel fusion), channels-last VQ convolutions, bf16 VQ dec
 
 Calls the graph cannot serve (a callback, a CPU generator, which asks for the reference random stream)
 run the plain path. The graph path runs the same code as the plain path, so fed the same random stream
-it decides the same tokens (tests/test_fast.py; on the GPU, benchmarks/bench.py checks it again).
+it decides the same tokens (tests/test_fast.py; on the GPU, `amused bench` checks it again).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class FastDecoder:
     pipe: object
     compile: bool | str = True
     vq_dtype: torch.dtype = torch.bfloat16
-    fuse: bool = True  # fused Q/K/V projections (same math, different rounding)
+    fuse: bool = True  # UViT.fuse_projections: fused Q/K/V and conditioning matmuls (same math, other rounding)
     vq_group_norm: str = "chunked"  # "chunked": amused.group_norm (fast on channels-last), "native": F.group_norm
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
     generator: torch.Generator | None = None

@@ -402,11 +402,12 @@ class AmusedPipeline:
         """Serve calls from CUDA graphs of the whole decode (see `amused.fast`). Call after `.to("cuda")`.
 
         Args:
-            compile: torch.compile before capture: True / "full" (the U-ViT step as one graph, the text encoder
-                and the VQ decoder; 20-50 s of warm-up per new shape at full size), "blocks" (the repeated
-                blocks one by one: 1.4 ms slower a call at amused-256 batch 1 on an H100), or False.
+            compile: torch.compile before capture: True / "full" (a decoding step, U-ViT + guidance +
+                sampling, as one graph, the text encoder and the VQ decoder; 15-50 s of warm-up per new shape at
+                full size), "blocks" (the U-ViT's repeated blocks one by one: slower, 32.0 against 30.6 ms at
+                amused-256 batch 1 on one H100 in session 3), or False.
             vq_dtype: dtype of the VQ decode inside the graph (bf16: no fp16 overflow).
-            fuse: fuse Q/K/V projections.
+            fuse: `UViT.fuse_projections` (fused Q/K/V; the per-call conditioning's projections as a few matmuls).
             warmup: batch sizes to capture now, at the native size with default settings, so that the
                 first calls of a server or benchmark do not pay for compilation and capture.
             vq_group_norm: "chunked" computes the VQ decoder's group norms with `amused.group_norm` (same

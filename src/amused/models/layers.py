@@ -49,7 +49,7 @@ class Attention(nn.Module):
     """Multi-head attention through `scaled_dot_product_attention` (flash / memory-efficient kernels).
 
     Self-attention when `context` is None, cross-attention otherwise. Q, K and V stay separate parameters so
-    checkpoints load as saved; `fuse_qkv()` builds a fused projection for inference speed.
+    checkpoints load as saved; `fuse_projections()` lays them out as one matrix for inference speed.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, bias: bool = False,
