@@ -64,6 +64,31 @@ def test_graph_program_equals_plain_path_with_same_noise(ref_dir):
     torch.testing.assert_close(images, expected_images, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("task", ["img2img", "inpaint", "unguided"])
+def test_graph_program_equals_plain_path_for_image_tasks(ref_dir, task):
+    """The same for a run that enters the schedule part-way over a partly known grid (img2img: `total` is the
+    whole grid), one whose schedule spreads over the masked region only (inpainting), and one without guidance."""
+    plain = AmusedPipeline.from_pretrained(ref_dir)
+    fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=False, vq_dtype=torch.float32)
+    guidance = 1.0 if task == "unguided" else 4.0
+    with torch.inference_mode():
+        embeds = plain.encode_prompt(["a cat"], None, 1, guidance > 1)
+        micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(embeds.hidden.shape[0], -1)
+        start = torch.randint(0, 16, (1, 8, 8), generator=seeded(1))  # codebook ids of the tiny model
+        start[:, 2:6, 1:7] = 23
+        start_step, total = (3, torch.tensor([64])) if task == "img2img" else (0, None)
+        expected = sampling.decode(plain.logits_fn(embeds, micro, guidance), start, num_steps=8, mask_token_id=23,
+                                   start_step=start_step, total=total, temperature=(1, 0), draw="gumbel",
+                                   generator=seeded(7))
+        fast.generator = seeded(7)
+        bufs = {"tokens": start.clone(), "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro}
+        if total is not None:
+            bufs["total"] = total
+        tokens, _ = fast._program(bufs, guidance, start_step, 8, "cosine", (1, 0))
+    assert torch.equal(tokens, expected)
+    assert torch.equal(tokens[start != 23], start[start != 23])  # known tokens are kept
+
+
 def test_enable_fast_needs_cuda(ours):
     import pytest
 
