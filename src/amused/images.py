@@ -150,10 +150,10 @@ def output_tensor(images: torch.Tensor, output_type: str) -> torch.Tensor:
 
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Copies of `tensors` on the host, made with one wait for the device: each copy goes into page-locked
-    memory without blocking, then the stream is synchronised once."""
+    """`tensors` on the host, with one wait for the device: each is copied into page-locked memory without
+    blocking, then the stream is synchronised once (tensors already on the host are returned as they are)."""
     if not any(t.is_cuda for t in tensors):
-        return [t.clone() for t in tensors]
+        return list(tensors)
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
     for h, t in zip(host, tensors):
         h.copy_(t, non_blocking=True)
