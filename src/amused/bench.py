@@ -277,13 +277,9 @@ def stages(pipe, batch: int) -> dict:
     key, entry = next((k, g) for k, g in fast.graphs.items() if k[0][0] == batch)
     model, mask_id, guidance = pipe.transformer, pipe.scheduler.mask_token_id, key[6]
     bufs = entry.inputs
-    B, H, W = shape = tuple(bufs["tokens"].shape)
     dev = bufs["tokens"].device
     with torch.inference_mode():
-        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])
-        grid = bufs["tokens"].reshape(B, H * W)
-        total = (grid == mask_id).sum(dim=-1)
-        draw_shape = (B, H * W, model.config.codebook_size)
+        grid, total, ctx, draw_shape, shape = fast.step_inputs(bufs)
         draws = sampling.gumbel_draws(draw_shape, False, None, dev)
         ratio, temp = torch.tensor(0.5, device=dev), torch.tensor(1.0, device=dev)
         last = torch.tensor(False, device=dev)

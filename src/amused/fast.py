@@ -26,6 +26,7 @@ import torch
 
 from . import sampling
 from .group_norm import use_chunked_group_norm
+from .pipeline import guided_logits
 
 
 @dataclass
@@ -73,8 +74,6 @@ def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch
         draws: the step's `sampling.gumbel_draws`.
         last: 0-d bool tensor, True on the final step (every token is committed).
     """
-    from .pipeline import guided_logits
-
     B, H, W = shape
     logits = guided_logits(model, grid.view(B, H, W), ctx, guidance_scale)  # (B, V, h, w)
     logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
@@ -114,7 +113,7 @@ def _warm_up(fn, runs: int = 2) -> None:
 
 @dataclass
 class FastDecoder:
-    """Captures and replays `sampling.decode` + VQ decode for one pipeline.
+    """Captures and replays the whole decode (every `guided_step` + VQ decode) for one pipeline.
 
     Args:
         pipe: the pipeline (its modules must already be on the CUDA device, in their final dtype).
@@ -214,21 +213,26 @@ class FastDecoder:
             entry.graph.replay()
         return entry.tokens, entry.images
 
+    def step_inputs(self, bufs: dict[str, torch.Tensor]) -> tuple:
+        """What every step of a call reads, from the graph's input buffers: (B, L) grid, (B,) total, the
+        per-call conditioning, the shape of one step's draws, the (B, h, w) grid shape."""
+        model, mask_id = self.pipe.transformer, self.pipe.scheduler.mask_token_id
+        B, H, W = shape = tuple(bufs["tokens"].shape)
+        grid = bufs["tokens"].reshape(B, H * W)
+        total = bufs["total"] if "total" in bufs else (grid == mask_id).sum(dim=-1)
+        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])  # once per call
+        return grid, total, ctx, (B, H * W, model.config.codebook_size), shape
+
     def _program(self, bufs: dict[str, torch.Tensor], guidance_scale, start_step, num_steps, schedule, temperature):
         """What the graph holds: the per-call conditioning, every step (`guided_step`), the VQ decode."""
         if not 0 <= start_step < num_steps:
             raise ValueError(f"start_step must be in [0, {num_steps}), got {start_step}")
-        pipe = self.pipe
-        model, mask_id = pipe.transformer, pipe.scheduler.mask_token_id
-        B, H, W = shape = tuple(bufs["tokens"].shape)
+        model, mask_id = self.pipe.transformer, self.pipe.scheduler.mask_token_id
         device = bufs["tokens"].device
-        grid = bufs["tokens"].reshape(B, H * W)
-        total = bufs["total"] if "total" in bufs else (grid == mask_id).sum(dim=-1)
+        grid, total, ctx, draw_shape, shape = self.step_inputs(bufs)
         ratios = sampling.mask_ratios(num_steps, schedule, device)
         temps = sampling.temperatures(num_steps, temperature, device)
         last = torch.arange(num_steps, device=device) == num_steps - 1
-        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])  # once per call
-        draw_shape = (B, H * W, model.config.codebook_size)
         for i in range(start_step, num_steps):
             draws = sampling.gumbel_draws(draw_shape, False, self.generator, device)  # the last step's confidence
             # noise is unused: drawing it anyway keeps one graph for all steps (the plain path's earlier draws

@@ -280,7 +280,6 @@ class UViT(nn.Module):
         """
         return self.forward_tokens(input_ids, self.condition(encoder_hidden_states, pooled_text_emb, micro_conds))
 
-
     def compile_blocks(self, **options) -> None:
         """`torch.compile` the repeated blocks in place, one by one (the transformer layers share one compiled
         graph, so compiling takes seconds, not minutes); parameter names and state-dict keys are unchanged.
@@ -356,7 +355,7 @@ class UViT(nn.Module):
         modulated = self._modulated()
         projected = F.linear(F.silu(cond), self.fused_modulation) + self.fused_modulation_offset  # [1 + scale | shift]
         projected = projected.split([m.out_features for m in modulated], dim=1)  # per module, views
-        B, S, n = text.shape[0], text.shape[1], len(self.transformer_layers)
+        S, n = text.shape[1], len(self.transformer_layers)
         kvs = F.linear(text, self.fused_text_kv).view(B, S, n, 2, -1).permute(2, 3, 0, 1, 4).contiguous()  # one
         # copy, so that every layer's keys and values are contiguous (B, S, C) tensors, as unfused
         blocks = self._block_attentions()
