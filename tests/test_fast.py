@@ -59,7 +59,7 @@ def test_graph_program_equals_plain_path_with_same_noise(ref_dir):
         expected_images = plain.vqvae.decode(expected)
         fast.generator = seeded(5)
         bufs = {"tokens": start.clone(), "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro}
-        tokens, images = fast._program(bufs, 10.0, 0, 6, "cosine", (2, 0))
+        tokens, images, _ = fast._program(bufs, 10.0, 0, 6, "cosine", (2, 0))
     assert torch.equal(tokens, expected)
     torch.testing.assert_close(images, expected_images, rtol=1e-5, atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_graph_program_equals_plain_path_for_image_tasks(ref_dir, task):
         bufs = {"tokens": start.clone(), "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro}
         if total is not None:
             bufs["total"] = total
-        tokens, _ = fast._program(bufs, guidance, start_step, 8, "cosine", (1, 0))
+        tokens, _, _ = fast._program(bufs, guidance, start_step, 8, "cosine", (1, 0))
     assert torch.equal(tokens, expected)
     assert torch.equal(tokens[start != 23], start[start != 23])  # known tokens are kept
 
@@ -153,15 +153,15 @@ def test_compile_option(ref_dir):
         FastDecoder(pipe, compile="turbo", vq_dtype=torch.float32)
     fast = FastDecoder(pipe, compile="blocks", vq_dtype=torch.float32)
     assert all(layer._compiled_call_impl is not None for layer in pipe.transformer.transformer_layers)
-    assert fast.step is guided_step and fast.step_fn is not sampling.unmask_step
+    assert fast.step is guided_step
     pipe = AmusedPipeline.from_pretrained(ref_dir)
     fast = FastDecoder(pipe, compile="full", vq_dtype=torch.float32)
-    assert fast.step is not guided_step and fast.step_fn is sampling.unmask_step  # one compiled graph per step
+    assert fast.step is not guided_step  # one compiled graph per step
     assert pipe.text_encoder._compiled_call_impl is not None and pipe.vqvae.decoder._compiled_call_impl is not None
     assert all(layer._compiled_call_impl is None for layer in pipe.transformer.transformer_layers)
     assert FastDecoder(AmusedPipeline.from_pretrained(ref_dir), vq_dtype=torch.float32).step is not guided_step
     fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=False, vq_dtype=torch.float32)
-    assert fast.step is guided_step and fast.step_fn is sampling.unmask_step
+    assert fast.step is guided_step
 
 
 def test_compiled_step_is_one_graph(ref_dir):
@@ -177,7 +177,7 @@ def test_compiled_step_is_one_graph(ref_dir):
         embeds = pipe.encode_prompt(["a cat"], None, 1, True)
         ctx = pipe.transformer.condition(embeds.hidden, embeds.pooled, torch.tensor([[16.0, 16, 0, 0, 6]] * 2))
         grid = torch.full((1, 64), mask_id)
-        draws = sampling.gumbel_draws((1, 64, V), False, seeded(0), "cpu")
+        draws = sampling.gumbel_draws((1, 64, V), seeded(0), "cpu")
         explained = torch._dynamo.explain(guided_step)(
             pipe.transformer, grid, ctx, draws, torch.tensor([64]), torch.tensor(0.5), torch.tensor(1.0),
             torch.tensor(False), 10.0, mask_id, (1, 8, 8))

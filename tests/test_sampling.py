@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from amused.sampling import decode, mask_ratios, start_mask_ratio, temperatures, unmask_step
+from amused.sampling import decode, mask_ratios, temperatures, unmask_step
 
 MASK = 99
 
@@ -30,8 +30,6 @@ def test_cosine_and_linear_ratios():
     assert torch.allclose(r[:3], torch.tensor([math.cos(math.pi / 8), math.cos(math.pi / 4), math.cos(3 * math.pi / 8)]))
     assert r[-1] == 0
     assert torch.allclose(mask_ratios(4, "linear"), torch.tensor([0.75, 0.5, 0.25, 0.0]))
-    assert start_mask_ratio(12, 0) == 1.0
-    assert start_mask_ratio(4, 2, "linear") == 0.5
     assert torch.allclose(temperatures(3, (2, 0)), torch.tensor([2.0, 1.0, 0.0]))
     with pytest.raises(ValueError, match="num_inference_steps"):
         mask_ratios(0)

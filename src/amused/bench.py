@@ -278,15 +278,18 @@ def stages(pipe, batch: int) -> dict:
     model, mask_id, guidance = pipe.transformer, pipe.scheduler.mask_token_id, key[6]
     bufs = entry.inputs
     dev = bufs["tokens"].device
+    B, H, W = shape = tuple(bufs["tokens"].shape)
+    draw_shape = (B, H * W, model.config.codebook_size)
     with torch.inference_mode():
-        grid, total, ctx, draw_shape, shape = fast.step_inputs(bufs)
-        draws = sampling.gumbel_draws(draw_shape, False, None, dev)
+        grid = bufs["tokens"].reshape(B, H * W)
+        total = bufs["total"] if "total" in bufs else (grid == mask_id).sum(dim=-1)
+        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])
+        draws = sampling.gumbel_draws(draw_shape, None, dev)
         ratio, temp = torch.tensor(0.5, device=dev), torch.tensor(1.0, device=dev)
         last = torch.tensor(False, device=dev)
     return {"condition": lambda: model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"]),
-            "step": lambda: fast.step(model, grid, ctx, draws, total, ratio, temp, last, guidance, mask_id, shape,
-                                      fast.step_fn),
-            "step_draws": lambda: sampling.gumbel_draws(draw_shape, False, None, dev),
+            "step": lambda: fast.step(model, grid, ctx, draws, total, ratio, temp, last, guidance, mask_id, shape),
+            "step_draws": lambda: sampling.gumbel_draws(draw_shape, None, dev),
             "vq_decode": lambda: fast._vq_decode(entry.tokens),
             "text_graph": text.graph, "graph": entry.graph}
 

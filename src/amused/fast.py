@@ -11,9 +11,13 @@ fuse), SDPA attention, a compiled text encoder and VQ decoder, channels-last bf1
     pipe.enable_fast(compile=True)     # graphs are captured lazily, on the first call of each shape
     pipe("a red apple")                # same arguments as always
 
-Calls the graph cannot serve (a callback, a CPU generator, which asks for the reference random stream)
-run the plain path. The graph path runs the same code as the plain path, so fed the same random stream
-it decides the same tokens (tests/test_fast.py; on the GPU, `amused bench` checks it again).
+The graph captures `sampling.decode`, the loop the plain path runs, with a compiled whole step
+(`guided_step`: U-ViT, guidance and sampler). The user's generator drives it: its state is copied into the
+graph's generator before a replay and the advanced state copied back after, so a generator reused across calls
+moves on exactly as on the plain path, and the same generator gives the same tokens on both paths (img2img and
+inpainting too). Only a CPU generator, which asks for diffusers' random stream, runs the plain path. Callbacks
+and `return_steps` are served from per-step records the graph writes: the callback is called after the replay,
+once per step, with that step's tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from . import sampling
 from .group_norm import use_chunked_group_norm
-from .pipeline import guided_logits
+from .guidance import guided_logits
 
 
 @dataclass
@@ -35,6 +39,7 @@ class _Graph:
     inputs: dict[str, torch.Tensor]  # static input buffers, copied into before each replay
     tokens: torch.Tensor  # static output buffers
     images: torch.Tensor
+    steps: dict[str, torch.Tensor] | None  # per-step records, (num_steps, B, L) each, when recording
 
 
 @dataclass
@@ -60,14 +65,14 @@ def compile_blocks(pipe) -> None:
 
 def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch.Tensor], total: torch.Tensor,
                 ratio: torch.Tensor, temperature: torch.Tensor, last: torch.Tensor, guidance_scale: float,
-                mask_token_id: int, shape: tuple[int, int, int], step_fn=sampling.unmask_step) -> torch.Tensor:
+                mask_token_id: int, shape: tuple[int, int, int]) -> sampling.StepResult:
     """One decoding step of the graph: U-ViT forward, guidance and sampling in one function.
 
     Compiled as one graph (`compile="full"`), the logits never leave it: the guidance mix fuses into the
     sampler's softmax, and the model's last kernels fuse with the sampler's first. The random draws come in
     as tensors (a private generator cannot be traced) and `last` is a bool tensor, so every step, the final
-    one included, replays one compiled graph. The same arithmetic as `sampling.decode` over
-    `AmusedPipeline.logits_fn` (tests/test_fast.py).
+    one included, replays one compiled graph. The same arithmetic as `sampling.decode` over `guided_logits`
+    (tests/test_fast.py).
 
     Args:
         grid: (B, L) current tokens; shape: (B, h, w) of the grid.
@@ -77,8 +82,7 @@ def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch
     B, H, W = shape
     logits = guided_logits(model, grid.view(B, H, W), ctx, guidance_scale)  # (B, V, h, w)
     logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
-    result = step_fn(logits, grid, total, ratio, temperature, mask_token_id, False, "gumbel", None, draws)
-    return torch.where(last, result.predicted, result.tokens)
+    return sampling.unmask_step(logits, grid, total, ratio, temperature, mask_token_id, last, "gumbel", None, draws)
 
 
 @contextlib.contextmanager
@@ -142,10 +146,9 @@ class FastDecoder:
         mode = "full" if self.compile is True else self.compile
         if mode and mode not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {self.compile!r}")
-        self.step, self.step_fn = guided_step, sampling.unmask_step
+        self.step = guided_step
         if mode == "blocks":
             compile_blocks(pipe)
-            self.step_fn = torch.compile(sampling.unmask_step, dynamic=False)  # fuses softmax, noise, argmax
         elif mode == "full":
             self.step = torch.compile(guided_step, dynamic=False)
             pipe.vqvae.decoder.compile(dynamic=False)
@@ -189,58 +192,69 @@ class FastDecoder:
             hidden, pooled = encoder.encode_ids(ids, mask)
         return _TextGraph(graph, ids, mask, hidden, pooled)
 
-    def supports(self, generator, callback) -> bool:
-        return callback is None and (generator is None or generator.device.type == "cuda")
+    def supports(self, generator) -> bool:
+        """Whether the graph can serve a call drawing from `generator` (None: the device's default generator)."""
+        return generator is None or generator.device.type == "cuda"
 
-    def run(self, *, embeds, micro_conds, guidance_scale, start, num_steps, schedule, temperature,
-            generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay (capturing first if this shape/settings is new). Returns (tokens, images in [0, 1])."""
+    def run(self, *, embeds, micro_conds, guidance_scale, start, num_steps, schedule, temperature, generator,
+            record: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Replay (capturing first if this shape/settings is new), drawing from `generator`'s stream.
+
+        Returns:
+            (B, h, w) tokens, (B, 3, H, W) images in [0, 1], and with `record` the per-step records
+            {"tokens", "predicted", "confidence"}, (num_steps, B, L) each. All are the graph's own buffers,
+            overwritten by the next replay.
+        """
         temperature = tuple(temperature) if isinstance(temperature, (tuple, list)) else temperature
         key = (tuple(start.tokens.shape), tuple(embeds.hidden.shape), num_steps, start.start_step, schedule,
-               temperature, float(guidance_scale), start.total is None)
+               temperature, float(guidance_scale), start.total is None, record)
         inputs = {"tokens": start.tokens, "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro_conds}
         if start.total is not None:
             inputs["total"] = start.total
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(inputs, guidance_scale, start.start_step, num_steps, schedule,
-                                                     temperature)
+                                                     temperature, record)
+        source = generator if generator is not None else torch.cuda.default_generators[self.pipe.device.index or 0]
         with torch.inference_mode():
             for name, value in inputs.items():
                 entry.inputs[name].copy_(value, non_blocking=True)
-            if generator is not None:
-                self.generator.manual_seed(generator.initial_seed())
+            if self.generator is not None:
+                self.generator.set_state(source.get_state())  # the graph draws from the caller's stream...
             entry.graph.replay()
-        return entry.tokens, entry.images
+            if self.generator is not None:
+                source.set_state(self.generator.get_state())  # ...and the caller's stream moves on past the draws
+        return entry.tokens, entry.images, entry.steps
 
-    def step_inputs(self, bufs: dict[str, torch.Tensor]) -> tuple:
-        """What every step of a call reads, from the graph's input buffers: (B, L) grid, (B,) total, the
-        per-call conditioning, the shape of one step's draws, the (B, h, w) grid shape."""
+    def _program(self, bufs: dict[str, torch.Tensor], guidance_scale, start_step, num_steps, schedule, temperature,
+                 record: bool = False):
+        """What the graph holds: the per-call conditioning, then `sampling.decode` (the plain path's loop) with a
+        whole step as one function (`guided_step`, compiled), then the VQ decode."""
         model, mask_id = self.pipe.transformer, self.pipe.scheduler.mask_token_id
         B, H, W = shape = tuple(bufs["tokens"].shape)
-        grid = bufs["tokens"].reshape(B, H * W)
-        total = bufs["total"] if "total" in bufs else (grid == mask_id).sum(dim=-1)
-        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])  # once per call
-        return grid, total, ctx, (B, H * W, model.config.codebook_size), shape
-
-    def _program(self, bufs: dict[str, torch.Tensor], guidance_scale, start_step, num_steps, schedule, temperature):
-        """What the graph holds: the per-call conditioning, every step (`guided_step`), the VQ decode."""
-        if not 0 <= start_step < num_steps:
-            raise ValueError(f"start_step must be in [0, {num_steps}), got {start_step}")
-        model, mask_id = self.pipe.transformer, self.pipe.scheduler.mask_token_id
         device = bufs["tokens"].device
-        grid, total, ctx, draw_shape, shape = self.step_inputs(bufs)
-        ratios = sampling.mask_ratios(num_steps, schedule, device)
-        temps = sampling.temperatures(num_steps, temperature, device)
-        last = torch.arange(num_steps, device=device) == num_steps - 1
-        for i in range(start_step, num_steps):
-            draws = sampling.gumbel_draws(draw_shape, False, self.generator, device)  # the last step's confidence
-            # noise is unused: drawing it anyway keeps one graph for all steps (the plain path's earlier draws
-            # come in the same order, so the tokens are the same)
-            grid = self.step(model, grid, ctx, draws, total, ratios[i], temps[i], last[i], guidance_scale, mask_id,
-                             shape, self.step_fn)
-        tokens = grid.view(shape)
-        return tokens, self._vq_decode(tokens)
+        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])  # once per call
+        draw_shape = (B, H * W, model.config.codebook_size)
+
+        def fused_step(grid, total, ratio, temp, last):
+            draws = sampling.gumbel_draws(draw_shape, self.generator, device)  # in the plain path's stream order
+            return self.step(model, grid, ctx, draws, total, ratio, temp, last, guidance_scale, mask_id, shape)
+
+        steps = callback = None
+        if record:
+            steps = {"tokens": torch.empty((num_steps, B, H * W), dtype=torch.long, device=device),
+                     "predicted": torch.empty((num_steps, B, H * W), dtype=torch.long, device=device),
+                     "confidence": torch.empty((num_steps, B, H * W), dtype=torch.float32, device=device)}
+
+            def callback(i, result):
+                for name in steps:
+                    steps[name][i].copy_(getattr(result, name))
+
+        tokens = sampling.decode(None, bufs["tokens"], num_steps=num_steps, mask_token_id=mask_id,
+                                 start_step=start_step, schedule=schedule, temperature=temperature,
+                                 total=bufs.get("total"), draw="gumbel", generator=self.generator, callback=callback,
+                                 fused_step=fused_step)
+        return tokens, self._vq_decode(tokens), steps
 
     def _capture(self, inputs, *settings) -> _Graph:
         bufs = {name: value.clone() for name, value in inputs.items()}
@@ -253,5 +267,5 @@ class FastDecoder:
                 warnings.warn("this torch cannot capture a private generator; seeds use the default CUDA generator")
                 self.generator = None
             with torch.cuda.graph(graph), torch.inference_mode():
-                tokens, images = self._program(bufs, *settings)
-        return _Graph(graph, bufs, tokens, images)
+                tokens, images, steps = self._program(bufs, *settings)
+        return _Graph(graph, bufs, tokens, images, steps)

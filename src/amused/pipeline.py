@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import sampling
+from .guidance import guided_logits
 from .images import (ImageInput, from_device, image_size, output_tensor, preprocess_image, preprocess_mask,
                      resize, to_host)
 from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
@@ -169,6 +170,7 @@ class AmusedPipeline:
         """The same components (shared, not copied) behind another task's entry point."""
         new = cls(pipe.vqvae, pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler)
         new.generation_defaults = pipe.generation_defaults
+        new._fast = pipe._fast  # the same modules, so the same graphs serve every task
         return new
 
     @property
@@ -330,11 +332,17 @@ class AmusedPipeline:
         user_callback = on_step if (callback is not None or return_steps) else None
         schedule = schedule or self.scheduler.masking_schedule
         images = None
-        if self._fast is not None and draw == "gumbel" and self._fast.supports(generator, user_callback):
-            tokens, images = self._fast.run(embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance_scale,
-                                            start=start, num_steps=num_inference_steps, schedule=schedule,
-                                            temperature=temperature, generator=generator)
+        if self._fast is not None and draw == "gumbel" and self._fast.supports(generator):
+            tokens, images, records = self._fast.run(
+                embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance_scale, start=start,
+                num_steps=num_inference_steps, schedule=schedule, temperature=temperature, generator=generator,
+                record=user_callback is not None)
             tokens = tokens.clone()  # graph outputs are overwritten by the next replay (images: by _finish)
+            if records is not None:  # the graph recorded every step; hand them out now, in order
+                B = start.tokens.shape[0]
+                for i in range(start.start_step, num_inference_steps):
+                    on_step(i, sampling.StepResult(*(records[k][i].view(B, -1).clone()
+                                                     for k in ("tokens", "predicted", "confidence"))))
         else:
             tokens = sampling.decode(self.logits_fn(embeds, micro_conds, guidance_scale), start.tokens,
                                      num_steps=num_inference_steps, mask_token_id=self.scheduler.mask_token_id,
@@ -360,11 +368,20 @@ class AmusedPipeline:
             if finite:
                 return from_device(output, output_type)
             if attempt == 0:
-                warnings.warn(f"the {self.vqvae.dtype} / reduced-precision VQ decode overflowed; decoding again in "
-                              f"float32")
-                with torch.autocast(self.device.type, enabled=False):
-                    images = self.vqvae.float().decode(tokens).float()
+                warnings.warn(f"the {self.vqvae.dtype} / reduced-precision VQ decode overflowed; decoding this call "
+                              f"again in float32")
+                images = self._decode_float32(tokens)
         raise FloatingPointError("the VQ decoder gives non-finite pixels even in float32: corrupt weights?")
+
+    def _decode_float32(self, tokens: torch.Tensor) -> torch.Tensor:
+        """VQ-decode in float32 for this call only: the shared VQGAN goes back to its dtype afterwards (a server's
+        later calls keep their fast decode)."""
+        dtype = self.vqvae.dtype
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                return self.vqvae.float().decode(tokens).float()
+        finally:
+            self.vqvae.to(dtype)
 
     # ------------------------------------------------------------------------------------------------------
     # LoRA (amused.lora does the work; peft underneath)
@@ -494,15 +511,6 @@ class AmusedPipeline:
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
                               schedule=masking_schedule)
-
-
-def guided_logits(model, tokens: torch.Tensor, ctx, guidance_scale: float) -> torch.Tensor:
-    """(B, h, w) tokens -> (B, V, h, w) logits, classifier-free guided when guidance_scale > 1 (the conditioning
-    `ctx` then holds [negatives..., positives...]): uncond + g * (cond - uncond)."""
-    if guidance_scale <= 1.0:
-        return model.forward_tokens(tokens, ctx)
-    uncond, cond = model.forward_tokens(torch.cat([tokens, tokens]), ctx).chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
 
 
 @dataclass

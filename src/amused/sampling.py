@@ -48,13 +48,6 @@ def mask_ratios(num_steps: int, schedule: Schedule = "cosine", device=None) -> t
     return torch.where(progress >= 1, 0.0, ratios)
 
 
-def start_mask_ratio(num_steps: int, start_step: int, schedule: Schedule = "cosine") -> float:
-    """Fraction of tokens masked before `start_step` (1.0 before step 0): where img2img enters the schedule."""
-    if start_step == 0:
-        return 1.0
-    return float(mask_ratios(num_steps, schedule)[start_step - 1])
-
-
 def temperatures(num_steps: int, temperature: float | tuple[float, float] = (2.0, 0.0), device=None) -> torch.Tensor:
     """Per-step Gumbel temperature: linear from temperature[0] to temperature[1] (a scalar t means t -> 0.01)."""
     if isinstance(temperature, (tuple, list)):
@@ -74,12 +67,13 @@ def gumbel(uniform: torch.Tensor) -> torch.Tensor:
     return -torch.log((-torch.log(uniform.clamp(1e-20))).clamp(1e-20))
 
 
-def gumbel_draws(logits_shape: tuple[int, ...], last: bool, generator: torch.Generator | None,
-                 device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gumbel_draws(logits_shape: tuple[int, ...], generator: torch.Generator | None,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
     """The uniform draws of one "gumbel" step, in stream order: (B, L, V) for the token choice, then (B, L) for
-    the confidence noise (none on the last step, which re-masks nothing)."""
+    the confidence noise. Drawn on every step, the last one included (whose noise goes unused), so that every
+    step consumes the same amount of the stream and a captured step is the same graph each time."""
     u = torch.rand(logits_shape, device=device, generator=generator, dtype=torch.float32)
-    noise = None if last else torch.rand(logits_shape[:-1], device=device, generator=generator, dtype=torch.float32)
+    noise = torch.rand(logits_shape[:-1], device=device, generator=generator, dtype=torch.float32)
     return u, noise
 
 
@@ -90,7 +84,7 @@ class StepResult(NamedTuple):
 
 
 def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor, ratio: torch.Tensor,
-                temperature: torch.Tensor, mask_token_id: int, last: bool, draw: Draw = "reference",
+                temperature: torch.Tensor, mask_token_id: int, last: bool | torch.Tensor, draw: Draw = "reference",
                 generator: torch.Generator | None = None,
                 draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
     """One decoding step.
@@ -102,55 +96,67 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         ratio: scalar tensor, fraction of `total` to leave masked after this step.
         temperature: scalar tensor, Gumbel temperature of the confidence.
         mask_token_id: id of the mask token.
-        last: whether this is the final step (commit everything).
+        last: whether this is the final step (commit everything). For draw="gumbel" it may be a 0-d bool tensor,
+            so that one captured or compiled step serves every step; "reference" needs a Python bool (the
+            reference draws no confidence noise on the last step).
         draw: "reference" (diffusers' random stream) or "gumbel" (on-device, graph-capturable).
         generator: torch.Generator for the draws.
         draws: for draw="gumbel", the step's uniform draws `gumbel_draws(...)` made beforehand (the same numbers
             as drawing here); a compiled step takes them as inputs, since `torch.compile` cannot trace a
             draw from a private generator.
     """
-    if draw == "gumbel" and draws is None:
-        draws = gumbel_draws(logits.shape, last, generator, logits.device)
     unknown = tokens == mask_token_id  # (B, L)
     if draw == "reference":
+        if not isinstance(last, bool):
+            raise TypeError("draw='reference' needs `last` as a Python bool")
         probs = logits.softmax(dim=-1)  # (B, L, V)
         flat = probs.to(generator.device if generator is not None else probs.device).reshape(-1, probs.shape[-1])
         if flat.device.type == "cpu" and flat.dtype != torch.float32:
             flat = flat.float()  # multinomial has no CPU half kernel
         predicted = torch.multinomial(flat, 1, generator=generator).to(tokens.device).view(tokens.shape)
         log_p = torch.gather(probs, -1, predicted[..., None])[..., 0].float().clamp(1e-20).log()
-    else:
-        u = draws[0]
-        log_probs = logits.float().log_softmax(dim=-1)
-        predicted = (log_probs + gumbel(u)).argmax(dim=-1)  # Gumbel-max: a sample of softmax(logits)
-        log_p = torch.gather(log_probs, -1, predicted[..., None])[..., 0].clamp(min=math.log(1e-20))
-    predicted = torch.where(unknown, predicted, tokens)
-    if last:
-        return StepResult(predicted, predicted, torch.where(unknown, log_p, torch.inf))
-
-    # Known tokens get +inf confidence so they are never re-masked (the reference's finfo.max is only ~11
-    # after the log in fp16, so it could re-mask them).
-    if draw == "reference":
+        predicted = torch.where(unknown, predicted, tokens)
+        if last:
+            return StepResult(predicted, predicted, torch.where(unknown, log_p, torch.inf))
         noise = torch.zeros_like(log_p, device=generator.device if generator is not None else log_p.device)
         noise = noise.uniform_(0, 1, generator=generator).to(log_p.device)
     else:
-        noise = draws[1]
-    confidence = torch.where(unknown, log_p + temperature * gumbel(noise), torch.inf)  # (B, L)
+        if draws is None:
+            draws = gumbel_draws(logits.shape, generator, logits.device)
+        u, noise = draws
+        log_probs = logits.float().log_softmax(dim=-1)
+        predicted = (log_probs + gumbel(u)).argmax(dim=-1)  # Gumbel-max: a sample of softmax(logits)
+        log_p = torch.gather(log_probs, -1, predicted[..., None])[..., 0].clamp(min=math.log(1e-20))
+        predicted = torch.where(unknown, predicted, tokens)
+        # no confidence noise on the last step (it re-masks nothing; the noise is drawn only to keep the stream even)
+        temperature = (temperature * 0 if last else temperature) if isinstance(last, bool) else \
+            torch.where(last, 0.0, temperature)
 
+    # Known tokens get +inf confidence so they are never re-masked (the reference's finfo.max is only ~11
+    # after the log in fp16, so it could re-mask them).
+    confidence = torch.where(unknown, log_p + temperature * gumbel(noise), torch.inf)  # (B, L)
     n_unknown = unknown.sum(dim=-1, keepdim=True)  # (B, 1)
     mask_len = torch.floor(total[:, None].float() * ratio)
     mask_len = torch.minimum(n_unknown - 1, mask_len.long()).clamp(min=1)  # keep >= 1 masked until the end
     cutoff = torch.gather(confidence.sort(dim=-1).values, 1, mask_len)  # (B, 1)
     remask = confidence < cutoff
-    return StepResult(torch.where(remask, mask_token_id, predicted), predicted, confidence)
+    kept = torch.where(remask, mask_token_id, predicted)
+    if isinstance(last, bool):
+        return StepResult(predicted if last else kept, predicted, confidence)
+    return StepResult(torch.where(last, predicted, kept), predicted, confidence)
 
 
-def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, *, num_steps: int,
+FusedStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], StepResult]
+
+
+def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor] | None, tokens: torch.Tensor, *, num_steps: int,
            mask_token_id: int, start_step: int = 0, schedule: Schedule = "cosine",
            temperature: float | tuple[float, float] = (2.0, 0.0), total: torch.Tensor | None = None,
            draw: Draw = "reference", generator: torch.Generator | None = None,
-           callback: Callable[[int, StepResult], None] | None = None, step_fn=unmask_step) -> torch.Tensor:
-    """Run the MaskGIT loop from `start_step` to the end.
+           callback: Callable[[int, StepResult], None] | None = None, fused_step: FusedStep | None = None
+           ) -> torch.Tensor:
+    """Run the MaskGIT loop from `start_step` to the end. The one loop: the plain path runs it eagerly, the
+    fast path (`amused.fast`) captures this very loop as a CUDA graph with a compiled `fused_step`.
 
     Args:
         logits_fn: maps a (B, h, w) token grid to (B, V, h, w) logits (guidance already applied).
@@ -164,7 +170,9 @@ def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tens
         draw: "reference" or "gumbel", see the module docstring.
         generator: torch.Generator for all random draws.
         callback: called as `callback(step, StepResult)` after every step.
-        step_fn: `unmask_step`, or a compiled version of it.
+        fused_step: instead of `logits_fn` + `unmask_step`, one callable doing a whole "gumbel" step:
+            `fused_step(grid (B, L), total, ratio, temperature, last: 0-d bool tensor) -> StepResult`, drawing
+            its own `gumbel_draws` from the same generator (the fast path passes a compiled one).
 
     Returns:
         (B, h, w) grid with every token decided.
@@ -177,11 +185,16 @@ def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tens
         total = (grid == mask_token_id).sum(dim=-1)
     ratios = mask_ratios(num_steps, schedule, tokens.device)
     temps = temperatures(num_steps, temperature, tokens.device)
+    lasts = torch.arange(num_steps, device=tokens.device) == num_steps - 1
     for i in range(start_step, num_steps):
-        logits = logits_fn(grid.view(B, H, W))  # (B, V, h, w)
-        logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
-        result = step_fn(logits, grid, total, ratios[i], temps[i], mask_token_id, i == num_steps - 1, draw,
-                         generator)
+        if fused_step is not None:
+            result = fused_step(grid, total, ratios[i], temps[i], lasts[i])
+        else:
+            logits = logits_fn(grid.view(B, H, W))  # (B, V, h, w)
+            logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
+            draws = gumbel_draws(logits.shape, generator, logits.device) if draw == "gumbel" else None
+            result = unmask_step(logits, grid, total, ratios[i], temps[i], mask_token_id, i == num_steps - 1, draw,
+                                 generator, draws)
         grid = result.tokens
         if callback is not None:
             callback(i, result)
