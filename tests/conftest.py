@@ -31,3 +31,33 @@ def ours(ref_dir):
 
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+# ---- the GPU suite's report: AMUSED_GPU_REPORT=path writes each test's outcome, the date and the GPU ----------
+
+_REPORT: list[dict] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        _REPORT.append({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
+                        "seconds": round(report.duration, 3),
+                        "message": str(report.longrepr)[-2000:] if report.failed else None})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import datetime
+    import json
+    import os
+    import platform
+
+    path = os.environ.get("AMUSED_GPU_REPORT")
+    if not path:
+        return
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    counts = {k: sum(r["outcome"] == k for r in _REPORT) for k in ("passed", "failed", "skipped")}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu,
+        "torch": torch.__version__, "python": platform.python_version(), "exit_status": int(exitstatus),
+        "counts": counts, "tests": _REPORT}, indent=1) + "\n")

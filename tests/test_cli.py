@@ -29,7 +29,9 @@ def test_prompts_file_batches_grid_and_replay_of_a_batched_image(ref_dir, tmp_pa
                  str(ref_dir), "--out-dir", str(out_dir), "--grid", str(tmp_path / "grid.png"), "--height", "8",
                  "--width", "8", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(result["images"]) == 7 and result["prompts"] == ["a cat", "a dog", "a fish"]
+    assert len(result["images"]) == 6 and result["prompts"] == ["a cat", "a dog", "a fish"]
+    assert result["grid"] == str(tmp_path / "grid.png") and result["fast"] == "off"
+    assert len(list(out_dir.glob("*.png"))) == 6  # the grid goes where --grid says, not into --out-dir
     files = sorted(out_dir.glob("*.png"))
     assert [f.name for f in files][:2] == ["0000_a-cat.png", "0001_a-cat.png"]
     assert PIL.Image.open(tmp_path / "grid.png").size == (16, 24)  # 2 columns x 3 rows of 8x8

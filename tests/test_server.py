@@ -55,7 +55,7 @@ class SpyPipe:
 
 
 def serve(pipe, **settings) -> TestClient:
-    return TestClient(create_app(pipe, ServerSettings(**settings)))
+    return TestClient(create_app(pipe, ServerSettings(**settings)), base_url="http://127.0.0.1:8000")
 
 
 def png_b64(size=(SIDE, SIDE), mode="RGB", color=None, seed=0) -> str:
@@ -292,7 +292,7 @@ def test_seeded_and_different_settings_do_not_batch(pipe):
 
 def test_batch_selection_rules():
     """Oldest live job leads; only same-key jobs join, up to max_batch images; expired jobs are dropped."""
-    batcher = Batcher(pipe=None, max_batch=4, batch_window_ms=0, max_queue=10)
+    batcher = Batcher(engine=None, max_batch=4, batch_window_ms=0, max_queue=10)
 
     def job(prompt, n=1, seed=None, steps=12, deadline=float("inf")):
         options = {"height": 8, "width": 8, "num_inference_steps": steps, "guidance_scale": 3.0,

@@ -30,7 +30,7 @@ def _app():
     pipe = AmusedPipeline.from_pretrained(save_reference_checkpoint(folder))
     pipe.generation_defaults = {"num_inference_steps": 2}
     # max_side keeps a schema-valid 16384 px request from allocating for minutes; it must then be a clean 4xx.
-    return create_app(pipe, ServerSettings(max_side=64, timeout_s=30, max_body_bytes=2**20))
+    return create_app(pipe, ServerSettings(max_side=64, timeout_s=30, max_body_bytes=2**20, allowed_hosts=("testserver",)))
 
 
 APP = _app()

@@ -37,7 +37,8 @@ def spies(monkeypatch):
 
         monkeypatch.setattr(cls, "__init__", spy)
     read = loading.load_state_dict
-    monkeypatch.setattr(loading, "load_state_dict", lambda path: calls.append(f"read {path}") or read(path))
+    monkeypatch.setattr(loading, "load_state_dict",
+                        lambda path, *args: calls.append(f"read {path}") or read(path, *args))
     return calls
 
 
@@ -116,7 +117,7 @@ def test_server_takes_no_model_or_file_names_from_requests(ref_dir):
     from amused.server import ServerSettings, create_app
 
     pipe = AmusedPipeline.from_pretrained(ref_dir)
-    app = create_app(pipe, ServerSettings())
+    app = create_app(pipe, ServerSettings(allowed_hosts=("testserver",)))
     with TestClient(app) as client:
         spec = client.get("/openapi.json").json()
         fields = set()

@@ -136,7 +136,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
         device: str = "cuda", dtype: str = "fp16", model: str | None = None, reference: bool = True,
         reference_compile: bool = False, compile: bool | str = True, out: str | None = None,
         fast_options: dict | None = None) -> list[dict]:
-    from .pipeline import AmusedPipeline
+    from .runtime import load_engine
 
     dev = torch.device(device)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -144,7 +144,7 @@ def run(presets=("amused-256", "amused-512"), batches=(1, 8), steps: int = 12, r
     rows = []
     for preset in ([model] if model else presets):
         if model:
-            pipe = AmusedPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(dev)
+            pipe = load_engine(model, device=device, dtype=dtype, fast="off").pipe
         else:
             pipe = random_pipeline(preset, device, torch_dtype)
         ref = reference_pipeline(pipe) if reference and pipe.prompt_encoder.is_clip else None
@@ -351,10 +351,6 @@ def add_command(subparsers) -> None:
 
     def handler(args):
         model = args.model
-        if model == "embedded":
-            from .embedded import embedded_model_path
-
-            model = str(embedded_model_path())
         dtype = args.dtype if args.device != "cpu" else "fp32"
         run(args.preset, args.batch, args.steps, args.repeats, args.device, dtype, model, not args.no_reference,
             args.reference_compile, False if args.no_compile else args.compile, args.out)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+from .runtime import add_output_args, add_runtime_args, engine_from_args
 
 EXAMPLES = {
     "generate": """examples:
@@ -19,32 +22,6 @@ EXAMPLES = {
   amused generate --from-image out/0003_red-apple.png --out again.png
 """,
 }
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def default_model() -> str:
-    """The model shipped inside the package (trained here), used when --model is not given."""
-    from .embedded import embedded_model_path
-
-    return str(embedded_model_path())
-
-
-def load_pipeline(model: str | None, device: str, dtype: str, cls_name: str = "AmusedPipeline"):
-    import torch
-
-    import amused
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = getattr(torch, DTYPES[dtype]) if dtype != "auto" else (
-        torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = getattr(amused, cls_name).from_pretrained(model or default_model(), torch_dtype=torch_dtype)
-    return pipe.to(device)
-
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt and args.prompts_file:
@@ -74,7 +51,6 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Prompts x --num-images images, generated --batch-size at a time (one pipeline call per batch)."""
-    import torch
     from tqdm import tqdm
 
     from .images import make_image_grid, save_image
@@ -82,6 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.from_image:
         return regenerate(args)
+    started = time.perf_counter()
     prompts = read_prompts(args)
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
@@ -89,9 +66,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     single = len(jobs) == 1 and args.out_dir is None
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.out).parent
     clean_stale_temps(out_dir)  # temp files a killed earlier run left (the images themselves are never partial)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    if args.lora:
-        pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+    engine = engine_from_args(args, expected_images=len(jobs), lora=args.lora, lora_scale=args.lora_scale)
+    loaded = time.perf_counter()
+    pipe = engine.pipe
     kwargs = sampling_kwargs(args)
     steps, guidance, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, kwargs.get("temperature"))
     written, images = [], []
@@ -99,51 +76,61 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=args.quiet or args.json or
                                    len(batches) == 1)):
         seed = args.seed + b  # one generator per batch call; the PNG records seed + batch to replay it exactly
-        out = pipe(batch, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
+        out = pipe(batch, generator=engine.generator(seed), **kwargs).images
         for i, (prompt, image) in enumerate(zip(batch, out)):
             n = b * args.batch_size + i
             path = Path(args.out) if single else out_dir / f"{n:04d}_{_slug(prompt)}.png"
             meta = {"prompt": prompt, "seed": seed, "batch_prompts": batch, "batch_index": i,
-                    "model": args.model or "embedded", "steps": steps, "guidance_scale": guidance,
+                    "model": engine.model_name, "steps": steps, "guidance_scale": guidance,
                     "temperature": list(temperature) if isinstance(temperature, tuple) else temperature,
                     "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
-                    "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None}
+                    "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+                    **stream_metadata(engine)}
             save_image(image, path, meta)
             written.append(str(path))
             images.append(image)
+        if b == 0:
+            first_done = time.perf_counter()
+    done = time.perf_counter()
     if args.grid:
         save_image(make_image_grid(images, cols=args.num_images if len(prompts) > 1 else None), args.grid,
                    {"prompts": prompts})
-        written.append(str(args.grid))
     if args.json:
-        print(json.dumps({"images": written, "prompts": prompts, "seed": args.seed}))
+        rest = len(jobs) - len(batches[0])
+        print(json.dumps({"images": written, "grid": str(args.grid) if args.grid else None, "prompts": prompts,
+                          "seed": args.seed, "fast": engine.fast, "device": str(engine.device),
+                          "seconds": {"load": round(loaded - started, 3), "first_batch": round(first_done - loaded, 3),
+                                      "rest": round(done - first_done, 3), "total": round(done - started, 3)},
+                          "images_per_s_after_first_batch": round(rest / (done - first_done), 2) if rest else None}))
     elif not args.quiet:
-        print("wrote " + (written[0] if len(written) == 1 else f"{len(written)} files to {out_dir}"))
+        where = written[0] if len(written) == 1 else f"{len(written)} images to {out_dir}"
+        print(f"wrote {where}" + (f" and the grid to {args.grid}" if args.grid else ""))
     return 0
 
 
+def stream_metadata(engine) -> dict:
+    """What a PNG records of the random stream, so `--from-image` draws from the same one."""
+    return {"stream": "reference" if engine.reference_stream or engine.device.type == "cpu" else "device",
+            "device": engine.device.type, "dtype": str(engine.pipe.dtype).removeprefix("torch.")}
+
+
 def regenerate(args: argparse.Namespace) -> int:
-    """Replay the batch recorded in a PNG's metadata and write the same image again."""
-    import torch
-
+    """Replay the batch recorded in a PNG's metadata and write the same image again (same device and stream)."""
     from .images import load_image, save_image
+    from .replay import confirm_model, parse_recorded
 
-    text = load_image(args.from_image).info.get("amused")
-    if not text:
-        raise ValueError(f"--from-image {args.from_image} carries no amused metadata (not made by amused generate?)")
-    meta = json.loads(text)
-    model = args.model or (None if meta.get("model") == "embedded" else meta.get("model"))
-    pipe = load_pipeline(model, args.device, args.dtype)
-    if meta.get("lora"):
-        pipe.load_lora_weights(meta["lora"], scale=meta.get("lora_scale") or 1.0)
-    temperature = meta.get("temperature")
-    out = pipe(meta.get("batch_prompts") or [meta["prompt"]], negative_prompt=meta.get("negative_prompt"),
-               num_inference_steps=meta.get("steps"), guidance_scale=meta.get("guidance_scale"),
-               temperature=tuple(temperature) if isinstance(temperature, list) else temperature,
-               height=meta.get("height"), width=meta.get("width"),
-               generator=torch.Generator("cpu").manual_seed(meta["seed"])).images
-    image = out[meta.get("batch_index", 0)]
-    save_image(image, args.out, meta)
+    source = f"--from-image {args.from_image}"
+    recorded = parse_recorded(load_image(args.from_image).info.get("amused"), source)
+    model, lora = confirm_model(recorded, args.model, args.lora, args.use_recorded_model, source)
+    if recorded.stream == "reference":
+        args.reference_stream = True  # drawn from diffusers' stream: replay from it, on any device
+    args.model = model
+    engine = engine_from_args(args, lora=lora, lora_scale=args.lora_scale if args.lora else recorded.lora_scale)
+    out = engine.pipe(recorded.prompts, negative_prompt=recorded.negative_prompt,
+                      num_inference_steps=recorded.steps, guidance_scale=recorded.guidance_scale,
+                      temperature=recorded.temperature, height=recorded.height, width=recorded.width,
+                      generator=engine.generator(recorded.seed)).images
+    save_image(out[recorded.batch_index], args.out, recorded.raw)
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
@@ -166,6 +153,8 @@ def add_generate(subparsers) -> None:
     p.add_argument("--out-dir", default=None, help="folder for several images (default: beside --out)")
     p.add_argument("--grid", type=Path, default=None, help="also write all images as one grid PNG")
     p.add_argument("--from-image", type=Path, default=None, help="regenerate from a PNG's recorded settings")
+    p.add_argument("--use-recorded-model", action="store_true",
+                   help="with --from-image: load the model and LoRA the PNG names (only files you trust)")
     p.add_argument("--lora", default=None, help="LoRA weights (file or folder) to load")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch k uses seed + k)")
@@ -178,25 +167,28 @@ def add_generate(subparsers) -> None:
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of the VQ factor")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of the VQ factor")
     add_runtime_args(p)
+    add_output_args(p)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """img2img, inpaint and variations: an input image, a prompt, several seeds."""
-    import torch
     from PIL import Image
+    from tqdm import tqdm
 
-    from .images import load_image, make_image_grid, save_image
+    from .images import flatten_alpha, load_image, make_image_grid, save_image
     from .loading import clean_stale_temps
+    from .replay import parse_recorded
 
-    source = load_image(args.image)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    loaded = load_image(args.image)
+    source = flatten_alpha(loaded)  # transparent pixels on white, as the API and training read images
     clean_stale_temps(Path(args.out).parent)  # temp files a killed earlier run left
     prompt = args.prompt
     if prompt is None:  # variations (or no prompt given): reuse the prompt recorded in the PNG, else none
-        recorded = json.loads(source.info.get("amused", "{}") or "{}")
-        prompt = recorded.get("prompt", "")
-    cls = {"img2img": "AmusedImg2ImgPipeline", "variations": "AmusedImg2ImgPipeline",
-           "inpaint": "AmusedInpaintPipeline"}[args.command]
+        text = loaded.info.get("amused")
+        prompt = parse_recorded(text, f"{args.image}").prompts[0] if text else ""
     kwargs = sampling_kwargs(args)
     kwargs.pop("height"), kwargs.pop("width")
     if args.width or args.height:
@@ -205,26 +197,25 @@ def cmd_edit(args: argparse.Namespace) -> int:
         kwargs["mask_image"] = _mask(args, source.size)  # checked before the model loads
     else:
         kwargs["strength"] = args.strength
-    pipe = load_pipeline(args.model, args.device, args.dtype, cls)
-    from tqdm import tqdm
-
+    engine = engine_from_args(args, expected_images=args.num_images)
+    pipe = engine.task("inpaint" if args.command == "inpaint" else "img2img")
     images = []
     for i in tqdm(range(args.num_images), desc=args.command, unit="image",
                   disable=args.quiet or args.json or args.num_images == 1):
-        out = pipe(prompt, image=source.convert("RGB"), generator=torch.Generator("cpu").manual_seed(args.seed + i),
-                   **kwargs).images[0]
-        images.append(out)
+        images.append(pipe(prompt, image=source, generator=engine.generator(args.seed + i), **kwargs).images[0])
     paths = [args.out] if args.num_images == 1 else [
         args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(args.num_images)]
     for i, (path, image) in enumerate(zip(paths, images)):
         save_image(image, path, {"task": args.command, "prompt": prompt, "seed": args.seed + i,
-                                 "source": str(args.image), "strength": kwargs.get("strength")})
+                                 "source": str(args.image), "strength": kwargs.get("strength"),
+                                 **stream_metadata(engine)})
     if args.grid:
-        save_image(make_image_grid([source.convert("RGB").resize(images[0].size)] + images), args.grid)
+        save_image(make_image_grid([source.resize(images[0].size)] + images), args.grid)
     if args.json:
-        print(json.dumps({"images": [str(p) for p in paths], "prompt": prompt}))
+        print(json.dumps({"images": [str(p) for p in paths], "grid": str(args.grid) if args.grid else None,
+                          "prompt": prompt}))
     elif not args.quiet:
-        print("wrote " + ", ".join(str(p) for p in paths))
+        print("wrote " + ", ".join(str(p) for p in paths) + (f" and the grid to {args.grid}" if args.grid else ""))
     return 0
 
 
@@ -267,8 +258,9 @@ def add_edit_commands(subparsers) -> None:
             p.add_argument("--rect", type=int, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
                            help="regenerate this pixel rectangle instead of a mask image")
         else:
-            p.add_argument("--strength", type=float, default=0.5 if name == "img2img" else 0.4,
-                           help="fraction of the schedule to run, in (0, 1]")
+            strength = 0.5 if name == "img2img" else 0.4
+            p.add_argument("--strength", type=float, default=strength,
+                           help=f"fraction of the schedule to run, in (0, 1] (default {strength})")
         p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
         p.add_argument("--out", type=Path, default=Path(f"{name}.png"), help="output PNG")
         p.add_argument("--num-images", type=int, default=1, help="images, seeds seed..seed+n-1")
@@ -281,14 +273,8 @@ def add_edit_commands(subparsers) -> None:
         p.add_argument("--height", type=int, default=None, help="resize the input first")
         p.add_argument("--width", type=int, default=None, help="resize the input first")
         add_runtime_args(p)
+        add_output_args(p)
         p.set_defaults(func=cmd_edit)
-
-
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (default: fp16 on GPU)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--json", action="store_true", help="print a JSON result line")
 
 
 def build_parser() -> argparse.ArgumentParser:

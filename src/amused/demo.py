@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .runtime import add_runtime_args, make_generator
 from .steps import MASK_GREY, confidence_map, save_gif, step_frames
 
 EXAMPLES = ["red apple, openmoji style", "grinning face, google style", "face with tears of joy, google style",
@@ -64,8 +65,9 @@ class Options:
     seed: int = 0
     num_images: int = 1
     size: int | None = None  # side of the (square) output in pixels; None: the model's native size
+    reference_stream: bool = False  # seeds draw diffusers' stream (a CPU generator) instead of on-device draws
 
-    def pipe_kwargs(self) -> dict[str, Any]:
+    def pipe_kwargs(self, device) -> dict[str, Any]:
         """The pipeline arguments these settings stand for (a ValueError names a bad one)."""
         return dict(negative_prompt=self.negative_prompt or None,
                     num_inference_steps=_integer(self.num_inference_steps, "num_inference_steps"),
@@ -73,7 +75,7 @@ class Options:
                     temperature=(_number(self.temperature_start, "temperature start"),
                                  _number(self.temperature_end, "temperature end")),
                     num_images_per_prompt=_integer(self.num_images, "num_images_per_prompt"),
-                    generator=torch.Generator().manual_seed(_integer(self.seed, "seed")))
+                    generator=make_generator(device, _integer(self.seed, "seed"), self.reference_stream))
 
 
 def default_options(pipe) -> Options:
@@ -210,14 +212,19 @@ def _progress_callback(progress: Callable | None, num_steps: int):
     return lambda i, _t, _tokens: progress((i + 1, num_steps), desc="decoding")
 
 
+def text_to_image_call(pipe, prompt: str, options: Options, progress: Callable | None = None):
+    """The text-to-image tab's pipeline call (images and every decoding step), without the page."""
+    kwargs = options.pipe_kwargs(pipe.device)
+    size = native_size(pipe) if options.size is None else _integer(options.size, "size")
+    return pipe(prompt, height=size, width=size, return_steps=True,
+                callback=_progress_callback(progress, kwargs["num_inference_steps"]), **kwargs)
+
+
 def text_to_image(pipe, prompt: str, options: Options, folder: Path, frame_delay: float = 0.0,
                   progress: Callable | None = None):
     """Generate `options.num_images` images of `prompt`; yields the outputs of the decoding stream."""
     with surface_errors():
-        kwargs = options.pipe_kwargs()
-        size = native_size(pipe) if options.size is None else _integer(options.size, "size")
-        out = pipe(prompt, height=size, width=size, return_steps=True,
-                   callback=_progress_callback(progress, kwargs["num_inference_steps"]), **kwargs)
+        out = text_to_image_call(pipe, prompt, options, progress)
     yield from _stream(pipe, out.images, out.steps, folder, frame_delay)
 
 
@@ -263,7 +270,7 @@ def inpaint(pipe, prompt: str, editor: dict | None, options: Options, folder: Pa
     from .pipeline import AmusedInpaintPipeline
 
     with surface_errors():
-        kwargs = options.pipe_kwargs()
+        kwargs = options.pipe_kwargs(pipe.device)
         size = native_size(pipe) if options.size is None else _integer(options.size, "size")
         pipe.vqvae.check_size(size, size, "size")
         image, mask = editor_to_inputs(editor, size, size // pipe.vae_scale_factor)
@@ -281,7 +288,7 @@ def image_to_image(pipe, prompt: str, image: PIL.Image.Image | None, strength: f
     with surface_errors():
         if image is None:
             raise ValueError("image: upload an image (or send one from the Text to image tab) first")
-        kwargs = options.pipe_kwargs()
+        kwargs = options.pipe_kwargs(pipe.device)
         size = native_size(pipe) if options.size is None else _integer(options.size, "size")
         pipe.vqvae.check_size(size, size, "size")
         out = AmusedImg2ImgPipeline.from_pipe(pipe)(
@@ -404,11 +411,13 @@ def _wire_panel(gr, pipe, panel: DecodingPanel, folder: Path) -> None:
 
 
 def build_demo(pipe, model_name: str = "the embedded emoji model", frame_delay: float = FRAME_DELAY,
-               start_image: PIL.Image.Image | None = None):
+               start_image: PIL.Image.Image | None = None, reference_stream: bool = False):
     """The demo page for `pipe` (not launched; see `launch`).
 
     Args:
-        pipe: an `AmusedPipeline`; the inpainting and image-to-image tabs share its weights.
+        pipe: an `AmusedPipeline` (`amused.runtime.load_engine(...).pipe`); the inpainting and image-to-image tabs
+            share its weights and its fast path.
+        reference_stream: seeds draw diffusers' random stream (a CPU generator) rather than on-device draws.
         model_name: shown in the page header.
         frame_delay: seconds between streamed decoding frames (0 in tests).
         start_image: the image the inpainting and image-to-image tabs start with (default: generated now, with
@@ -422,7 +431,7 @@ def build_demo(pipe, model_name: str = "the embedded emoji model", frame_delay: 
     defaults = default_options(pipe)
     if start_image is None:
         prompt, seed = INPAINT_START
-        start_image = pipe(prompt, generator=torch.Generator().manual_seed(seed)).images[0]
+        start_image = pipe(prompt, generator=make_generator(pipe.device, seed, reference_stream)).images[0]
     start = for_display(start_image)
     folder = Path(tempfile.mkdtemp(prefix="amused-demo-"))  # GIFs; gradio copies outputs into its cache
 
@@ -479,17 +488,17 @@ def build_demo(pipe, model_name: str = "the embedded emoji model", frame_delay: 
 
         # Explicit signatures: gradio passes the inputs positionally and finds gr.Progress by its default.
         def run_t2i(prompt, negative, steps, guidance, t_start, t_end, seed, n, size, progress=gr.Progress()):
-            opts = Options(negative, steps, guidance, t_start, t_end, seed, n, size)
+            opts = Options(negative, steps, guidance, t_start, t_end, seed, n, size, reference_stream)
             yield from text_to_image(pipe, prompt, opts, folder, frame_delay, progress)
 
         def run_inpaint(prompt, value, negative, steps, guidance, t_start, t_end, seed, n, size,
                         progress=gr.Progress()):
-            opts = Options(negative, steps, guidance, t_start, t_end, seed, n, size)
+            opts = Options(negative, steps, guidance, t_start, t_end, seed, n, size, reference_stream)
             yield from inpaint(pipe, prompt, value, opts, folder, frame_delay, progress)
 
         def run_img2img(prompt, image, strength_, negative, steps, guidance, t_start, t_end, seed, n, size,
                         progress=gr.Progress()):
-            opts = Options(negative, steps, guidance, t_start, t_end, seed, n, size)
+            opts = Options(negative, steps, guidance, t_start, t_end, seed, n, size, reference_stream)
             yield from image_to_image(pipe, prompt, image, strength_, opts, folder, frame_delay, progress)
 
         # One generation at a time across all tabs and sessions: they share the model and the cores. The
@@ -538,10 +547,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ModuleNotFoundError:
         print("amused demo: error: the demo needs gradio: pip install 'amused[demo]'", file=sys.stderr)
         return 2
-    from .cli import load_pipeline
+    from .runtime import engine_from_args
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    demo = build_demo(pipe, model_name=args.model or "the embedded emoji model (amused-emoji-64)")
+    engine = engine_from_args(args, expected_images=10**6)  # a long-lived page: "auto" compiles
+    print(f"amused demo: {engine.model_name} on {engine.device} (fast path: {engine.fast}); warming up", flush=True)
+    engine.warm_up((1,))
+    demo = build_demo(engine.pipe, model_name="the embedded emoji model (amused-emoji-64)"
+                      if engine.model_name == "embedded" else engine.model_name,
+                      reference_stream=engine.reference_stream)
     launch(demo, args.host, args.port, args.share)
     return 0
 
@@ -557,7 +570,5 @@ def add_command(subparsers) -> None:
                                                       "only; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="weights dtype (default: fp16 on GPU)")
+    add_runtime_args(p)
     p.set_defaults(func=cmd_demo)

@@ -140,7 +140,9 @@ def generate(pipe, prompts: list[str], seed: int, guidance_scale: float, tempera
     """(N, 3, H, W) images in [0, 1], one per prompt; one generator seeded once, batches in order."""
     from tqdm.auto import tqdm
 
-    generator = torch.Generator("cpu").manual_seed(seed)
+    from .runtime import make_generator
+
+    generator = make_generator(pipe.device, seed)
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="eval: generate", unit="batch", leave=False):
         images = pipe(prompts[i:i + batch_size], generator=generator, guidance_scale=guidance_scale,
@@ -315,7 +317,7 @@ def save_grid(pipe, rows: list[dict], path: str | Path, seed: int, guidance_scal
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import load_pipeline
+    from .runtime import engine_from_args
 
     if args.num_train < 0 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--num-train must be >= 0, --batch-size and --steps >= 1")
@@ -328,7 +330,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    engine = engine_from_args(args, expected_images=args.num_train + 200)
+    pipe = engine.pipe
     steps, guidance_scale, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, temperature)
     results = evaluate(pipe, args.data, num_train=args.num_train, seed=args.seed, guidance_scale=guidance_scale,
                        temperature=temperature, steps=steps, batch_size=args.batch_size, log=log)
@@ -352,7 +355,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_command(subparsers) -> None:
     """Register `amused eval` on the main CLI."""
-    from .cli import add_runtime_args
+    from .runtime import add_output_args, add_runtime_args
 
     p = subparsers.add_parser(
         "eval", help="measure VQGAN PSNR and prompt adherence on the emoji data",
@@ -375,4 +378,5 @@ def add_command(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("eval.json"), help="results JSON (default eval.json)")
     p.add_argument("--grid", type=Path, default=None, help="also save a sample grid PNG here")
     add_runtime_args(p)
+    add_output_args(p)
     p.set_defaults(func=cmd_eval)

@@ -110,7 +110,8 @@ class AmusedPipeline:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, allow_pickle: bool = False, cache_dir: str | None = None,
-                        local_files_only: bool = False, **unused) -> "AmusedPipeline":
+                        local_files_only: bool = False, device: str | torch.device | None = None,
+                        **unused) -> "AmusedPipeline":
         """Load a checkpoint in the published layout from a folder or a hub id.
 
         Args:
@@ -119,6 +120,7 @@ class AmusedPipeline:
                 force_upcast, as the reference decodes in float32).
             variant: weight-file variant, e.g. "fp16" for `*.fp16.safetensors`.
             allow_pickle: accept pickle weight files (.bin/.pt); off by default, they can run code.
+            device: where to load the weights (straight from the files, no copy through the CPU); default the CPU.
         """
         if unused:
             raise TypeError(f"from_pretrained got unexpected arguments: {sorted(unused)}")
@@ -128,9 +130,11 @@ class AmusedPipeline:
         vq_config = read_json(root / "vqvae" / "config.json")
         if torch_dtype == torch.float16 and vq_config.get("force_upcast", True):
             vq_dtype = torch.float32
-        transformer = load_model(UViT, UViTConfig, root / "transformer", variant, torch_dtype, allow_pickle)
-        vqvae = load_model(VQGAN, VQGANConfig, root / "vqvae", variant, vq_dtype, allow_pickle)
+        transformer = load_model(UViT, UViTConfig, root / "transformer", variant, torch_dtype, allow_pickle, device)
+        vqvae = load_model(VQGAN, VQGANConfig, root / "vqvae", variant, vq_dtype, allow_pickle, device)
         tokenizer, text_encoder = load_text_components(root, variant, torch_dtype)
+        if device is not None:
+            text_encoder.to(device)
         sched = read_json(root / "scheduler" / "scheduler_config.json")
         scheduler = SchedulerConfig(mask_token_id=int(sched.get("mask_token_id", transformer.config.mask_token_id)),
                                     masking_schedule=sched.get("masking_schedule", "cosine"))

@@ -17,6 +17,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from .runtime import add_runtime_args
+
 EXAMPLES = """examples:
   amused serve                                    # embedded model, http://127.0.0.1:8000 (docs: /docs)
   amused serve --model amused/amused-256 --device cuda --max-batch 16 --batch-window-ms 20
@@ -40,6 +42,18 @@ class ServerSettings:
     timeout_s: float = 120.0  # per request, queueing included: 504 after it (and dropped if not started)
     max_body_bytes: int = 10 * 2**20  # larger request bodies are answered 413
     max_side: int = 1024  # largest height/width in pixels (generated or uploaded)
+    max_work: int | None = None  # largest height x width x steps x images of one request; None: twice a full
+    # default batch at the native size
+    warmup: tuple[int, ...] = ()  # batch sizes captured before the first request (/health says "warming")
+    host: str = "127.0.0.1"  # the bound address: Host headers must name it (or a loopback name)
+    allowed_hosts: tuple[str, ...] = ()  # other names clients may use in the Host header
+    allowed_origins: tuple[str, ...] = ()  # web origins allowed to call the API from a browser
+
+    def host_names(self) -> tuple[str, ...] | None:
+        """Names the Host header may carry; None (any) when bound to every interface and no list was given."""
+        if self.host in ("0.0.0.0", "::") and not self.allowed_hosts:
+            return None
+        return ("127.0.0.1", "localhost", "::1", self.host, *self.allowed_hosts)
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_side"):
@@ -49,34 +63,46 @@ class ServerSettings:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.max_work is not None and (not isinstance(self.max_work, int) or self.max_work < 1):
+            raise ValueError(f"max_work must be an integer >= 1, got {self.max_work!r}")
 
 
-def create_app(pipe, settings: ServerSettings | None = None):
-    """The FastAPI app serving `pipe` (an `AmusedPipeline`, or anything with its call signature and
-    attributes). The batching worker starts and stops with the app's lifespan (`with TestClient(app)`,
-    or uvicorn)."""
+def create_app(engine, settings: ServerSettings | None = None):
+    """The FastAPI app serving `engine` (an `amused.runtime.Engine`, or a pipeline, which is wrapped in one as it
+    is). The batching worker starts and stops with the app's lifespan (`with TestClient(app)`, or uvicorn)."""
+    from .runtime import Engine
     from .serving.api import build_app
 
-    return build_app(pipe, settings or ServerSettings())
+    settings = settings or ServerSettings()
+    if not isinstance(engine, Engine):
+        engine = Engine.wrap(engine, settings.model_name)
+    return build_app(engine, settings)
+
+
+def warmup_sizes(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes a server captures at start: 1 (a lone request) and max_batch (batched calls are padded up to
+    it: a padded call of a captured size costs less than compiling and capturing each size)."""
+    return tuple(sorted({1, max_batch}))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .cli import load_pipeline
+    from .runtime import engine_from_args
 
-    settings = ServerSettings(model_name=args.model or "embedded", max_batch=args.max_batch,
+    engine = engine_from_args(args, expected_images=10**6)  # a server lives long: "auto" compiles
+    settings = ServerSettings(model_name=engine.model_name, max_batch=args.max_batch,
                               batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                               timeout_s=args.timeout_s, max_body_bytes=int(args.max_body_mb * 2**20),
-                              max_side=args.max_side)
+                              max_side=args.max_side, max_work=args.max_work,
+                              warmup=() if args.no_warmup else warmup_sizes(args.max_batch), host=args.host,
+                              allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allow_origin))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"amused serve: warning: listening on {args.host}; the API has no authentication")
-    pipe = load_pipeline(None if args.model in (None, "embedded") else args.model, args.device, args.dtype)
-    if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels); not the first client
-        pipe(["warm-up"], num_inference_steps=1)
-    app = create_app(pipe, settings)
-    print(f"amused serve: {settings.model_name} on {pipe.device}, http://{args.host}:{args.port} (docs: /docs)",
-          flush=True)
+    app = create_app(engine, settings)
+    print(f"amused serve: {settings.model_name} on {engine.device} (fast path: {engine.fast}), "
+          f"http://{args.host}:{args.port} (docs: /docs); warming up batch sizes {list(settings.warmup)} "
+          f"(/health says when ready)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     return 0
 
@@ -99,13 +125,21 @@ def add_command(subparsers) -> None:
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
                    help=f"request body limit, 413 above it ({d.max_body_bytes / 2**20:g} MiB)")
     p.add_argument("--max-side", type=int, default=d.max_side, help=f"largest height/width in pixels ({d.max_side})")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="weights dtype (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--max-work", type=int, default=None,
+                   help="largest height x width x steps x images of one request, 422 above it (default: twice a "
+                        "full default batch at the model's native size)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another name clients may put in the Host header (repeatable; loopback names and --host "
+                        "are always allowed)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may call the API (repeatable; default: "
+                        "none, cross-origin requests get 403)")
+    add_runtime_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log every request (default: on)")
-    p.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation at start")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip capturing the batch sizes at start (the first requests of each size pay for it)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -3,8 +3,10 @@
 Every bad input is answered with a JSON body naming the field, never a 500:
     413 body over the limit; 415 neither JSON nor multipart; 422 a field out of bounds, of the wrong type,
     an undecodable image or a size that is not a multiple of the model's token size; 400 the pipeline
-    refused the arguments (its ValueError/TypeError message); 503 the queue is full (Retry-After) or the
-    server is stopping; 504 the request's time ran out (dropped if it had not started).
+    refused the arguments (its ValueError/TypeError message); 422 also a request whose work (pixels x steps x
+    images) is over the server's `max_work`; 403 a Host header that is not the server's own or a cross-origin
+    request (DNS rebinding, other web pages); 503 the queue is full (Retry-After), the server is stopping, or
+    it is still warming up (/health); 504 the request's time ran out (dropped if it had not started).
 Error bodies are `{"error": code, "message": text, "detail": ...}`.
 """
 
@@ -28,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from ..server import ServerSettings
-from .batcher import Batcher, Job, QueueFull, ShuttingDown
+from ..runtime import Engine
+from .batcher import Batcher, Cancelled, Job, QueueFull, ShuttingDown, png_bytes
 
 MAX_PROMPT_CHARS = 2000  # far beyond any text encoder's window; longer prompts are cut (and a warning says so)
 MAX_IMAGES = 8
@@ -177,17 +180,77 @@ class BodyLimit:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Host and Origin checks (pure ASGI): no other web page, and no DNS-rebound name, can drive a local server
+# ----------------------------------------------------------------------------------------------------------
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_name(value: str) -> str:
+    """'[::1]:8000' -> '::1'; 'example.com:80' -> 'example.com' (lower case)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+class HostGuard:
+    """403 unless the Host header names the server (its bound address, a loopback name, or one of
+    `allowed_hosts`; any host when bound to all interfaces without a list) and any Origin header is the server
+    itself or one of `allowed_origins`."""
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...] | None, allowed_origins: tuple[str, ...]):
+        self.app = app
+        self.hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+        self.origins = {o.rstrip("/").lower() for o in allowed_origins}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            return await _forbid(send, f"Host {host!r:.100} is not this server's; start it with --allowed-host "
+                                       f"to accept that name")
+        origin = headers.get("origin")
+        if origin is not None and origin.rstrip("/").lower() not in self.origins \
+                and origin.lower().partition("://")[2] != host.lower():
+            return await _forbid(send, f"cross-origin request from {origin!r:.100} refused; start the server with "
+                                       f"--allow-origin to accept it")
+        return await self.app(scope, receive, send)
+
+
+async def _forbid(send, message: str) -> None:
+    body = json.dumps({"error": "forbidden", "message": message}).encode()
+    await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The service: request -> Job -> response
 # ----------------------------------------------------------------------------------------------------------
 
 class Service:
-    def __init__(self, pipe, settings: ServerSettings):
-        self.pipe, self.settings = pipe, settings
-        self.batcher = Batcher(pipe, settings.max_batch, settings.batch_window_ms, settings.max_queue)
+    def __init__(self, engine: Engine, settings: ServerSettings):
+        self.engine, self.settings = engine, settings
+        self.pipe = pipe = engine.pipe
+        self.batcher = Batcher(engine, settings.max_batch, settings.batch_window_ms, settings.max_queue,
+                               warmup=settings.warmup)
         factor = pipe.vae_scale_factor
         # A U-ViT that downsamples 2x needs an even token grid, else its shapes break (a 500, not a 400).
         self.multiple = factor * (2 if getattr(pipe.transformer.config, "downsample", False) else 1)
         self.native = pipe.transformer.config.sample_size * factor
+        steps = pipe.resolve_defaults(None, None, None)[0]
+        # Default bound on one request's work: twice a full default batch at the native size.
+        self.max_work = settings.max_work or 2 * self.native ** 2 * max(steps, 12) * settings.max_batch
+
+    def check_work(self, options: dict[str, Any], num_images: int) -> None:
+        """Refuse a request whose pixels x steps x images is over `max_work` (a bound on its time and memory)."""
+        work = options["height"] * options["width"] * options["num_inference_steps"] * num_images
+        if work > self.max_work:
+            raise invalid("num_inference_steps", f"height x width x num_inference_steps x num_images = {work:,} is "
+                                                 f"over this server's limit of {self.max_work:,} (--max-work); ask "
+                                                 f"for fewer pixels, steps or images")
 
     def check_side(self, value: int, field: str) -> int:
         if value % self.multiple or value > self.settings.max_side:
@@ -237,6 +300,7 @@ class Service:
         if task == "text":
             options["height"] = self.check_side(body.height or self.native, "height")
             options["width"] = self.check_side(body.width or self.native, "width")
+            self.check_work(options, body.num_images)
             return options, None, None
         # Alpha is left in: the pipeline flattens it onto white.
         image = await asyncio.to_thread(self.decode_image, body.image, "image", None)
@@ -245,6 +309,7 @@ class Service:
         height, width = getattr(body, "height", None), getattr(body, "width", None)
         options["height"] = self.check_side(height, "height") if height else self.check_side(image.height, "image")
         options["width"] = self.check_side(width, "width") if width else self.check_side(image.width, "image")
+        self.check_work(options, body.num_images)
         mask = None
         if task == "inpaint":
             mask = await asyncio.to_thread(self.decode_image, body.mask_image, "mask_image", "L")
@@ -273,32 +338,49 @@ class Service:
         except ShuttingDown as e:
             raise ApiError(503, "shutting_down", str(e), {"Retry-After": "5"}) from None
         try:
-            result = await asyncio.wait_for(job.future, max(0.0, job.deadline - time.monotonic()))
+            result = await self.wait(job, request)
         except asyncio.TimeoutError:
             self.batcher.abandon(job)
             raise ApiError(504, "timeout", f"no result within {self.settings.timeout_s:g} s "
                                            f"(queue depth {self.batcher.depth})") from None
-        except asyncio.CancelledError:  # the client went away: don't run its work
+        except (asyncio.CancelledError, _Disconnected):  # the client went away: don't run its work
             self.batcher.abandon(job)
-            raise
+            raise ApiError(499, "client_closed_request", "the client went away") from None
+        except Cancelled as e:
+            raise ApiError(504, "timeout", str(e)) from None
         except (ValueError, TypeError) as e:
             raise ApiError(400, "invalid_argument", str(e)) from None
         except ShuttingDown as e:
             raise ApiError(503, "shutting_down", str(e), {"Retry-After": "5"}) from None
         except Exception as e:  # noqa: BLE001
             raise ApiError(500, "internal_error", f"{type(e).__name__}: {e}") from None
+        pngs = await asyncio.to_thread(lambda: [png_bytes(im, meta) for im, meta in zip(result.images,
+                                                                                       result.metadata)])
         total_ms = (time.monotonic() - t0) * 1000
         if png:
             headers = {"X-Amused-Seed": "none" if result.seed is None else str(result.seed),
                        "X-Amused-Batch-Size": str(result.batch_size), "X-Amused-Time-Ms": f"{total_ms:.1f}"}
             if result.warnings:
                 headers["X-Amused-Warnings"] = "; ".join(result.warnings)
-            return Response(result.pngs[0], media_type="image/png", headers=headers)
+            return Response(pngs[0], media_type="image/png", headers=headers)
         return JSONResponse({
-            "images": [base64.b64encode(p).decode() for p in result.pngs], "seed": result.seed,
+            "images": [base64.b64encode(p).decode() for p in pngs], "seed": result.seed,
             "batch_size": result.batch_size, "settings": settings, "warnings": result.warnings,
             "timing": {"queue_ms": round(result.queue_s * 1000, 1), "run_ms": round(result.run_s * 1000, 1),
                        "total_ms": round(total_ms, 1)}})
+
+    async def wait(self, job: Job, request: Request, poll_s: float = 0.05):
+        """The job's result; polls the connection meanwhile, so a client that gives up is noticed (and its job
+        dropped, or stopped between steps) instead of its work running for nobody."""
+        while True:
+            left = job.deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            done, _ = await asyncio.wait({job.future}, timeout=min(poll_s, left))
+            if done:
+                return job.future.result()
+            if await request.is_disconnected():
+                raise _Disconnected
 
     async def parse(self, request: Request, model: type[Common], files: tuple[str, ...]) -> Common:
         """JSON (images as base64) or multipart/form-data (images as files) -> the validated model."""
@@ -335,6 +417,10 @@ class Service:
             raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
+class _Disconnected(Exception):
+    pass
+
+
 def _json_or_raw(value: str):
     try:
         return json.loads(value)
@@ -346,8 +432,9 @@ def _json_or_raw(value: str):
 # The app
 # ----------------------------------------------------------------------------------------------------------
 
-def build_app(pipe, settings: ServerSettings) -> FastAPI:
-    service = Service(pipe, settings)
+def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
+    service = Service(engine, settings)
+    pipe = engine.pipe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -360,6 +447,7 @@ def build_app(pipe, settings: ServerSettings) -> FastAPI:
                               "See docs/http_api.md.")
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostGuard, allowed_hosts=settings.host_names(), allowed_origins=settings.allowed_origins)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -393,15 +481,20 @@ def build_app(pipe, settings: ServerSettings) -> FastAPI:
         body = await service.parse(request, InpaintRequest, ("image", "mask_image"))
         return await service.handle("inpaint", body, request)
 
-    @app.get("/health", summary="liveness, queue depth, device")
+    @app.get("/health", summary="readiness (warming / ready), queue depth, device")
     async def health():
         b = service.batcher
-        body = {"status": "ok" if b.alive else "down", "model_loaded": True, "model": settings.model_name,
-                "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."),
+        state = "down" if not b.alive else ("warming" if engine.state != "ready" or (
+            b.warmup and b.warmup_s is None) else "ready")
+        body = {"status": "ok" if state == "ready" else state, "state": state, "model_loaded": True,
+                "model": settings.model_name, "device": str(pipe.device),
+                "dtype": str(pipe.dtype).removeprefix("torch."), "fast": engine.fast,
+                "warmed_batch_sizes": list(engine.warmed), "warmup_s": b.warmup_s,
                 "queue_depth": b.depth, "running": len(b.running), "max_queue": settings.max_queue,
                 "max_batch": settings.max_batch, "batch_window_ms": settings.batch_window_ms,
-                "size_multiple": service.multiple, "native_size": service.native, "stats": dict(b.stats)}
-        return JSONResponse(body, 200 if b.alive else 503)
+                "max_work": service.max_work, "size_multiple": service.multiple, "native_size": service.native,
+                "stats": dict(b.stats)}
+        return JSONResponse(body, 200 if state == "ready" else 503)
 
     return app
 

@@ -8,9 +8,14 @@ prompts and hands each job its share of the images.
 Which jobs batch together: text-to-image jobs without a seed that share size, steps, guidance and
 temperature (prompts and negative prompts may differ: the pipeline takes one per prompt). The pipeline draws
 all its random numbers for a batch from one generator, so an image depends on its batch-mates; a job with a
-`seed` therefore runs alone, as `pipe([prompt] * n, generator=torch.Generator().manual_seed(seed))`, and gives
-the same images as the Python API or `amused generate --seed` would. img2img and inpainting jobs also run
-alone (each brings its own image).
+`seed` therefore runs alone, as `pipe([prompt] * n, generator=engine.generator(seed))`, and gives the same
+images as the Python API or `amused generate --seed` would on the same device (the engine picks the stream:
+on-device draws on a GPU). img2img and inpainting jobs also run alone (each brings its own image). A batched
+call is padded up to a batch size warmed at start (`Engine.bucket`), so it replays a captured graph.
+
+Before taking jobs the worker warms the engine up (`Engine.warm_up`: captures and compiles the fast path for
+the batch sizes it will run); /health says "warming" until then. On the plain loop (the CPU) a running job is
+stopped between steps once its deadline passes or its client is gone.
 
 The oldest job always goes into the next batch, so later jobs that batch together cannot starve it. A job
 whose deadline passed before it started, or whose client gave up, is dropped without running.
@@ -44,9 +49,14 @@ class ShuttingDown(Exception):
     pass
 
 
+class Cancelled(Exception):
+    """A running job was stopped between steps: its deadline passed or its client went away."""
+
+
 @dataclass
 class JobResult:
-    pngs: list[bytes]  # one PNG per image, generation settings in its "amused" text chunk
+    images: list[Any]  # PIL images; the request handler encodes them (off the worker, so the GPU keeps busy)
+    metadata: list[dict[str, Any]]  # each image's settings, for its PNG's "amused" text chunk
     seed: int | None  # the seed that reproduces these images on their own; None when batched with others
     batch_size: int  # jobs in the pipeline call that made these images
     queue_s: float  # waiting before the call started
@@ -106,20 +116,21 @@ class Batcher:
         max_queue: jobs allowed to wait; `submit` raises `QueueFull` beyond.
     """
 
-    def __init__(self, pipe, max_batch: int, batch_window_ms: float, max_queue: int):
-        self.pipe = pipe
+    def __init__(self, engine, max_batch: int, batch_window_ms: float, max_queue: int, warmup: tuple[int, ...] = ()):
+        self.engine = engine
         self.max_batch = max_batch
         self.window = batch_window_ms / 1000
         self.max_queue = max_queue
+        self.warmup = tuple(warmup)
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._task_pipes: dict[str, Any] = {}
         self.running: list[Job] = []
         self.batch_seconds = 1.0  # moving average of one call, for Retry-After
         self.stats = {"requests": 0, "images": 0, "pipeline_calls": 0, "rejected_full": 0, "dropped": 0,
-                      "failed": 0}
+                      "failed": 0, "cancelled": 0}
+        self.warmup_s: float | None = None
 
     # ---- the server side ------------------------------------------------------------------------------
 
@@ -172,6 +183,8 @@ class Batcher:
     # ---- the worker -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.warmup and self.engine is not None:
+            self.warmup_s = self.engine.warm_up(self.warmup)
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -216,7 +229,13 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         started = time.monotonic()
         try:
-            pngs, seed = self._call(batch)
+            images, seed = self._call(batch)
+        except Cancelled as e:
+            self.running = []
+            self.stats["cancelled"] += 1
+            for job in batch:
+                job.deliver(error=e)
+            return
         except Exception as e:  # noqa: BLE001 (every error goes back to its request)
             self.running = []
             if len(batch) > 1:  # one bad request must not fail its batch-mates: run each alone
@@ -231,53 +250,58 @@ class Batcher:
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * run_s
         self.stats["pipeline_calls"] += 1
         self.running = []
-        for job, job_pngs in zip(batch, pngs):
+        for job, job_images in zip(batch, images):
             self.stats["requests"] += 1
-            self.stats["images"] += len(job_pngs)
-            job.deliver(JobResult(job_pngs, seed if len(batch) == 1 else None, len(batch), started - job.enqueued,
+            self.stats["images"] += len(job_images)
+            meta = {**job.metadata, "seed": seed if len(batch) == 1 else None}
+            job.deliver(JobResult(job_images, [{**meta, "image_index": k} for k in range(len(job_images))],
+                                  seed if len(batch) == 1 else None, len(batch), started - job.enqueued,
                                   run_s, self._truncation_warnings(job)))
 
-    def _task_pipe(self, task: str):
-        if task == "text":
-            return self.pipe
-        if task not in self._task_pipes:
-            from ..pipeline import AmusedImg2ImgPipeline, AmusedInpaintPipeline
+    def _stop_check(self, batch: list[Job]):
+        """A step callback that stops the call once every job in it is abandoned or past its deadline (plain
+        loop only: the fast path runs the whole decode as one graph, too short to need it)."""
+        if self.engine.fast != "off":
+            return None
 
-            cls = AmusedImg2ImgPipeline if task == "img2img" else AmusedInpaintPipeline
-            self._task_pipes[task] = cls.from_pipe(self.pipe)
-        return self._task_pipes[task]
+        def check(step, timestep, tokens):
+            now = time.monotonic()
+            if all(job.abandoned or now > job.deadline for job in batch):
+                raise Cancelled(f"stopped at step {step}: the request timed out or its client went away")
 
-    def _call(self, batch: list[Job]) -> tuple[list[list[bytes]], int]:
-        """One pipeline call for the batch -> PNGs per job, and the seed of the call's generator."""
+        return check
+
+    def _call(self, batch: list[Job]) -> tuple[list[list[Any]], int]:
+        """One pipeline call for the batch -> images per job, and the seed of the call's generator."""
         head = batch[0]
         seed = head.seed if head.seed is not None else secrets.randbits(63)
         o = head.options
         kwargs = dict(num_inference_steps=o["num_inference_steps"], guidance_scale=o["guidance_scale"],
-                      temperature=o["temperature"], generator=torch.Generator().manual_seed(seed),
-                      output_type="pil")
+                      temperature=o["temperature"], generator=self.engine.generator(seed), output_type="pil",
+                      callback=self._stop_check(batch))
         if len(batch) == 1:  # exactly the Python API's call, so a seed gives the same images here and there
             kwargs.update(prompt=head.prompt, negative_prompt=head.negative_prompt or None,
                           num_images_per_prompt=head.num_images)
-        else:
-            kwargs.update(prompt=[j.prompt for j in batch for _ in range(j.num_images)],
-                          negative_prompt=[j.negative_prompt for j in batch for _ in range(j.num_images)])
+        else:  # padded up to a warmed batch size; the padding's images are dropped
+            prompts = [j.prompt for j in batch for _ in range(j.num_images)]
+            negatives = [j.negative_prompt for j in batch for _ in range(j.num_images)]
+            pad = self.engine.bucket(len(prompts)) - len(prompts)
+            kwargs.update(prompt=prompts + [""] * pad, negative_prompt=negatives + [""] * pad)
         if head.task == "text":
             kwargs.update(height=o["height"], width=o["width"])
         elif head.task == "img2img":
             kwargs.update(image=head.image, strength=o["strength"], height=o["height"], width=o["width"])
         else:
             kwargs.update(image=head.image, mask_image=head.mask_image, strength=o["strength"])
-        images = self._task_pipe(head.task)(**kwargs).images
+        images = self.engine.task(head.task)(**kwargs).images
         out, i = [], 0
         for job in batch:
-            meta = {**job.metadata, "seed": seed if len(batch) == 1 else None}
-            out.append([png_bytes(image, {**meta, "image_index": k})
-                        for k, image in enumerate(images[i:i + job.num_images])])
+            out.append(images[i:i + job.num_images])
             i += job.num_images
         return out, seed
 
     def _truncation_warnings(self, job: Job) -> list[str]:
-        encoder = getattr(self.pipe, "prompt_encoder", None)
+        encoder = getattr(self.engine.pipe, "prompt_encoder", None)
         if encoder is None:
             return []
         return [f"{name} is longer than the text encoder's {encoder.max_length} tokens; the rest was cut off"
@@ -285,13 +309,14 @@ class Batcher:
                 if text and encoder.count_tokens(text) > encoder.max_length]
 
 
-def png_bytes(image, metadata: dict[str, Any]) -> bytes:
-    """PNG file bytes with the settings in text chunks, laid out as `amused.images.save_image` writes them."""
+def png_bytes(image, metadata: dict[str, Any], compress_level: int = 1) -> bytes:
+    """PNG file bytes with the settings in text chunks, laid out as `amused.images.save_image` writes them
+    (zlib level 1: a few times faster to encode than the default, for slightly larger files)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("amused", json.dumps(metadata, sort_keys=True))
     info.add_text("prompt", str(metadata.get("prompt", "")))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
