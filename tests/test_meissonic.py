@@ -179,3 +179,29 @@ def test_bad_config_file_names_the_file(tmp_path):
                          tmp_path / "config.json")
     with pytest.raises(ValueError, match="unknown preset"):
         meissonic_config("meissonic-2")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_forward_tokens_captures_in_a_cuda_graph_without_syncs():
+    model = tiny().cuda()
+    ids, text, pooled, micro = (x.cuda() for x in inputs(model.config))
+    timesteps = reference_timesteps(4, device="cuda")
+    with torch.no_grad():
+        ctx = model.condition(text, pooled, micro, grid=(4, 6))
+        step = torch.zeros((), dtype=torch.long, device="cuda")  # the graph reads the step's timestep from here
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+            model.forward_tokens(ids, ctx, timesteps[step])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(graph):
+                out = model.forward_tokens(ids, ctx, timesteps[step])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for i in range(4):
+            step.fill_(i)
+            graph.replay()
+            torch.testing.assert_close(out, model.forward_tokens(ids, ctx, timesteps[i]), rtol=1e-5, atol=1e-5)

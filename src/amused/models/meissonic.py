@@ -461,8 +461,9 @@ class MeissonicTransformer(nn.Module):
     def forward_tokens(self, input_ids: torch.Tensor, ctx: MeissonicConditioning, timestep: torch.Tensor) -> torch.Tensor:
         """(B, h, w) token ids + precomputed conditioning + this step's timestep -> (B, codebook_size, h, w) logits.
 
-        `timestep` is the reference pipeline's value for the step, a 0-d or (B,) tensor: N - 1 - i at step i of N
-        (`reference_timesteps(N)[i]`). No host syncs and no data-dependent branches: shapes alone choose paths.
+        `timestep` is the reference pipeline's value for the step, a 0-d or (B,) tensor on the model's device:
+        N - 1 - i at step i of N (`reference_timesteps(N, device)[i]`; img2img and inpainting too, from their start
+        step); the model scales it by 1000. No host syncs and no data-dependent branches: shapes alone choose paths.
         """
         B = input_ids.shape[0]
         H, W = self._block_grid(*input_ids.shape[1:])  # Python ints: checks the grid, no sync
