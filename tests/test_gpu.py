@@ -102,13 +102,24 @@ def test_return_steps_and_callback_from_the_graph(published):
 
 
 def test_compiled_fast_path_matches_plain():
-    """The default server/demo mode (compile) on the published shape: (near-)identical tokens, one host sync."""
+    """The default server/demo mode (compile) on the published shape: the same random stream (the generator ends
+    in the same state), nearly the same tokens, one host sync. Compiled kernels round differently, and with random
+    weights the logits are nearly flat, so a near-tie flips a token now and then and the flip changes later steps'
+    inputs: on an H200 94.5% of tokens were equal (one step alone: see the assertion below)."""
     from amused.bench import _host_syncs, random_pipeline
 
     pipe = random_pipeline("amused-256", "cuda", torch.float16)
     pipe.enable_fast(compile=True)
-    fast, plain = _both(pipe, lambda p: p(PROMPTS[:2], generator=_gen(7), output_type="latent").images)
-    assert (fast == plain).float().mean() > 0.99
+
+    def call(p, steps):
+        g = _gen(7)
+        return p(PROMPTS[:2], generator=g, num_inference_steps=steps, output_type="latent").images, g.get_state()
+
+    (fast, fast_state), (plain, plain_state) = _both(pipe, lambda p: call(p, 12))
+    assert torch.equal(fast_state, plain_state)
+    assert (fast == plain).float().mean() > 0.9
+    (fast1, _), (plain1, _) = _both(pipe, lambda p: call(p, 1))  # one step: no cascade, only near-ties differ
+    assert (fast1 == plain1).float().mean() > 0.98
     syncs = _host_syncs(lambda: pipe(PROMPTS[:2], generator=_gen(7), output_type="np"))
     assert len(syncs) <= 1, syncs
 

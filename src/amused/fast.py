@@ -158,7 +158,8 @@ class FastDecoder:
 
     def _vq_decode(self, tokens: torch.Tensor) -> torch.Tensor:
         vq = self.pipe.vqvae
-        with torch.autocast(tokens.device.type, dtype=self.vq_dtype, enabled=self.vq_dtype != vq.dtype):
+        with torch.autocast(tokens.device.type, dtype=self.vq_dtype):  # also when the VQ is in vq_dtype already:
+            # the codebook lookup comes out in float32
             quantized = vq.quantize.lookup(tokens).contiguous(memory_format=torch.channels_last)
             return vq.decode_latents(quantized).float().clamp(0, 1)
 
