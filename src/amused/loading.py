@@ -163,6 +163,8 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
                               f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                               f"{'...' if len(unexpected) > 5 else ''}")
     for key, tensor in state.items():
+        if expected[key].is_floating_point() and not tensor.is_floating_point():  # ints/bools: not weights
+            raise CheckpointError(f"{path}: {key} is a {tensor.dtype} tensor; weights must be floating point")
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config gives "
                                   f"{tuple(expected[key].shape)}")
