@@ -130,7 +130,7 @@ def text_model_class(config: dict, source, default: str = "AutoModel") -> type:
             raise CheckpointError(f"{source}: model_type {model_type!r} is not a supported text encoder; known: "
                                   f"{sorted(TEXT_MODEL_TYPES)}")
         return transformers.AutoModel
-    if arch not in TEXT_MODEL_CLASSES or not hasattr(transformers, arch):
+    if not isinstance(arch, str) or arch not in TEXT_MODEL_CLASSES or not hasattr(transformers, arch):
         raise CheckpointError(f"{source}: unknown text model class {arch!r} in architectures; supported: "
                               f"{sorted(TEXT_MODEL_CLASSES)}")
     return getattr(transformers, arch)
