@@ -151,6 +151,12 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     assert 0.45 < pixels.mean() < 0.55
 
 
+def test_16_bit_images_handed_to_the_pipeline_directly_are_scaled_too():
+    ramp = PIL.Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))  # 32896 / 257 = 128
+    assert images.preprocess_image(ramp).mul(255).round().unique().tolist() == [128.0]
+    assert images.preprocess_mask(ramp, 2, 2).all()  # 0.5 and up: regenerate
+
+
 def test_transparency_is_composited_on_white_for_rgb_and_counts_as_unpainted_for_masks():
     rgba = np.zeros((4, 4, 4), dtype=np.uint8)
     rgba[..., 0] = 255  # red hidden under fully transparent pixels (emoji PNGs hold such garbage)
@@ -413,3 +419,4 @@ def test_text_encoder_classes_and_lengths_are_checked(tmp_path):
     for length in (0, -3, True):
         with pytest.raises(ValueError, match="max_length .* at least 2"):
             TextEncoder(tiny_text_encoder(), tokenizer, max_length=length)
+

@@ -33,8 +33,8 @@ def _to_batch_tensor(image: ImageInput, name: str, channels: int) -> torch.Tenso
             sizes = {i.size for i in image}
             if len(sizes) > 1:
                 raise ValueError(f"{name}: all images of a batch must have one size, got {sorted(sizes)}")
-            arrays = [np.asarray(flatten_alpha(i) if mode == "RGB" else i.convert(mode), dtype=np.float32) / 255.0
-                      for i in image]
+            arrays = [np.asarray(flatten_alpha(eight_bit(i)) if mode == "RGB" else eight_bit(i).convert(mode),
+                                 dtype=np.float32) / 255.0 for i in image]
             array = np.stack(arrays)  # (B, H, W[, C])
             if array.ndim == 3:
                 array = array[..., None]
@@ -213,15 +213,22 @@ def _normalise(image: PIL.Image.Image, mode: str | None, name: str, max_pixels: 
     except Exception as e:  # noqa: BLE001 (truncated or corrupt pixel data)
         raise ImageError(f"{name}: cannot read image: {_one_line(e)}") from None
     info = dict(image.info)  # text chunks, and the EXIF without its (now applied) orientation
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit PNG grayscale: 0..65535 -> 0..255
-        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        image = PIL.Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    image = eight_bit(image)
     if mode == "RGB":
         image = flatten_alpha(image)
     elif mode == "L":
         image = flatten_alpha(image, background=(0, 0, 0)).convert("L")
     image.info = info
     return image
+
+
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """16-bit grayscale (PNG's "I;16", or "I") scaled to 8-bit "L"; other images as they are. Pillow's own
+    conversion clips 0..65535 to 0..255, which turns almost every pixel white."""
+    if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        return image
+    wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return PIL.Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # rounded x 255 / 65535
 
 
 def _one_line(error: Exception) -> str:
@@ -251,7 +258,7 @@ def preprocess_mask(mask: ImageInput, grid_height: int, grid_width: int, name: s
     if isinstance(mask, PIL.Image.Image):
         mask = [mask]
     if isinstance(mask, (list, tuple)) and all(isinstance(m, PIL.Image.Image) for m in mask):
-        small = [m.convert("L").resize((grid_width, grid_height), PIL.Image.LANCZOS) for m in mask]
+        small = [eight_bit(m).convert("L").resize((grid_width, grid_height), PIL.Image.LANCZOS) for m in mask]
         values = _to_batch_tensor(small, name, channels=1)
     else:
         values = _to_batch_tensor(mask, name, channels=1)
