@@ -78,8 +78,8 @@ def test_generate_killed_mid_batch_leaves_only_complete_images(ref_dir, tmp_path
 def test_stale_temp_files_of_dead_writers_are_removed_live_ones_kept(ref_dir, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".0000_x.png.{dead.pid}.abc123.tmp"
-    live = tmp_path / f".0001_y.png.{os.getpid()}.def456.tmp"
+    stale = tmp_path / f".0000_x.png.amused-{dead.pid}-0123456789abcdef.tmp"
+    live = tmp_path / f".0001_y.png.amused-{os.getpid()}-0123456789abcdef.tmp"
     unrelated = tmp_path / ".notes.tmp"
     for p in (stale, live, unrelated):
         p.write_bytes(b"\x89PNG partial")
@@ -88,7 +88,7 @@ def test_stale_temp_files_of_dead_writers_are_removed_live_ones_kept(ref_dir, tm
 
     seen = []
     atomic_write(tmp_path / "z.png", lambda tmp: seen.append(tmp.name) or tmp.write_bytes(b"x"))
-    assert seen[0].startswith(f".z.png.{os.getpid()}.") and seen[0].endswith(".tmp")
+    assert seen[0].startswith(f".z.png.amused-{os.getpid()}-") and seen[0].endswith(".tmp")
     assert not list(tmp_path.glob(".z.png.*"))
 
     stale.write_bytes(b"\x89PNG partial")  # and the CLI cleans its output folder at start

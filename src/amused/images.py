@@ -5,12 +5,18 @@ Pixels are in [0, 1] throughout (aMUSEd's VQGAN is not trained on [-1, 1]).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import os
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
+from PIL import JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[PIL.Image.Image]]
 
@@ -27,8 +33,8 @@ def _to_batch_tensor(image: ImageInput, name: str, channels: int) -> torch.Tenso
             sizes = {i.size for i in image}
             if len(sizes) > 1:
                 raise ValueError(f"{name}: all images of a batch must have one size, got {sorted(sizes)}")
-            arrays = [np.asarray(flatten_alpha(i) if mode == "RGB" else i.convert(mode), dtype=np.float32) / 255.0
-                      for i in image]
+            arrays = [np.asarray(flatten_alpha(eight_bit(i)) if mode == "RGB" else eight_bit(i).convert(mode),
+                                 dtype=np.float32) / 255.0 for i in image]
             array = np.stack(arrays)  # (B, H, W[, C])
             if array.ndim == 3:
                 array = array[..., None]
@@ -73,21 +79,160 @@ def _to_batch_tensor(image: ImageInput, name: str, channels: int) -> torch.Tenso
 def flatten_alpha(image: PIL.Image.Image, background=(255, 255, 255)) -> PIL.Image.Image:
     """RGB view of an image; transparent pixels become `background` instead of whatever colour they hide
     (a plain `.convert("RGB")` exposes it; most emoji PNGs hold garbage colour there)."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # tRNS: palette, gray or RGB key
         rgba = image.convert("RGBA")
         canvas = PIL.Image.new("RGBA", rgba.size, tuple(background)[:3] + (255,))
         return PIL.Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def load_image(path) -> PIL.Image.Image:
-    """Open an image file fully (so a truncated or corrupt file fails here, naming the file)."""
+# ----------------------------------------------------------------------------------------------------------
+# Reading untrusted images: one function for every face (CLI, server, demo, training data)
+# ----------------------------------------------------------------------------------------------------------
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # decoders Pillow ships and fuzzes most; no TIFF/EPS/PSD surprises
+MAX_IMAGE_PIXELS = 8192 * 8192  # 64 Mi pixels: 192 MiB decoded as RGB; raise it with the variable below
+MAX_PIXELS_ENV = "AMUSED_MAX_IMAGE_PIXELS"
+
+# Opened through the format's own class, so only the header is read before our size check. Pillow's
+# `Image.open` would try all 40-odd formats it knows and apply its own fixed bomb limit (a warning at 89 Mi
+# pixels, an exception at twice that), which the user could not raise with ours.
+_SIGNATURES = (("PNG", lambda h: h[:8] == b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile),
+               ("JPEG", lambda h: h[:3] == b"\xff\xd8\xff", JpegImagePlugin.JpegImageFile),
+               ("WEBP", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP", WebPImagePlugin.WebPImageFile))
+
+
+class ImageError(ValueError):
+    """An image input is unreadable, too large, or not PNG, JPEG or WebP (the message names the input)."""
+
+
+def max_image_pixels(override: int | None = None) -> int:
+    """The pixel limit in force: `override`, else $AMUSED_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`."""
+    if override is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not text:
+            return MAX_IMAGE_PIXELS
+        try:
+            override = int(text)
+        except ValueError:
+            raise ValueError(f"{MAX_PIXELS_ENV}={text!r} is not a whole number of pixels") from None
+        if override < 1:
+            raise ValueError(f"{MAX_PIXELS_ENV}={text!r} must be a positive number of pixels")
+    elif isinstance(override, bool) or not isinstance(override, int) or override < 1:
+        raise ValueError(f"max_pixels must be a positive whole number of pixels, got {override!r}")
+    return override
+
+
+def load_image(image, *, mode: str | None = "RGB", name: str | None = None, max_pixels: int | None = None,
+               max_side: int | None = None) -> PIL.Image.Image:
+    """Read an untrusted image completely, checked before any pixel is decoded.
+
+    Only PNG, JPEG and WebP are accepted (recognised by content, not by file name), and the size the header
+    declares must be within `max_pixels`. The pixels are then normalised the same way on every path: EXIF
+    orientation applied, 16-bit grayscale scaled to 8 bits (a plain `.convert` clips it to white), and
+    transparency composited onto white for "RGB". PNG text chunks (the settings amused writes) stay in `.info`.
+
+    Args:
+        image: a path, the file's bytes, a binary file object, or a PIL image (e.g. from a `datasets` column).
+        mode: "RGB"; "L" for masks (transparent pixels count as black: unpainted means keep); or None for the
+            8-bit image in its own mode (alpha kept).
+        name: what errors call the input (the path by default; the server passes the request field).
+        max_pixels: width x height limit; default $AMUSED_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`.
+        max_side: optional limit on the longer side, in pixels.
+
+    Returns:
+        A new, fully decoded PIL image.
+
+    Raises:
+        ImageError: a ValueError whose one-line message names the input: missing, unreadable, not PNG/JPEG/WebP,
+            or too large.
+    """
+    if mode not in ("RGB", "L", None):
+        raise ValueError(f"load_image mode must be 'RGB', 'L' or None, got {mode!r}")
+    if isinstance(image, PIL.Image.Image):
+        return _normalise(image, mode, name or "image", max_pixels, max_side)
+    if isinstance(image, (str, os.PathLike)):
+        name = name or str(image)
+        try:
+            with open(image, "rb") as f:
+                return _normalise(_open(f, name), mode, name, max_pixels, max_side)
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError(f"{name}: is a folder, not an image file") from None
+        except PermissionError:
+            raise ImageError(f"{name}: permission denied") from None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _normalise(_open(io.BytesIO(image), name or "image"), mode, name or "image", max_pixels, max_side)
+    if hasattr(image, "read"):
+        name = name or str(getattr(image, "name", "image"))
+        return _normalise(_open(image, name), mode, name, max_pixels, max_side)
+    raise TypeError(f"{name or 'image'} must be a path, bytes, a binary file object or a PIL image, "
+                    f"got {type(image).__name__}")
+
+
+def decode_base64_image(data: str, *, name: str = "image", **kwargs) -> PIL.Image.Image:
+    """`load_image` for a base64 string or a data: URL (request bodies); `kwargs` as `load_image` takes."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
     try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"{name}: not valid base64: {e}") from None
+    return load_image(raw, name=name, **kwargs)
+
+
+def _open(f, name: str) -> PIL.Image.Image:
+    """Header only: the format's class parses it; no pixel data is read."""
+    if not f.seekable():
+        f = io.BytesIO(f.read())
+    head = f.read(16)
+    f.seek(-len(head), io.SEEK_CUR)
+    for _, accepts, cls in _SIGNATURES:
+        if accepts(head):
+            try:
+                return cls(f)
+            except Exception as e:  # noqa: BLE001 (Pillow raises many kinds for damaged headers)
+                raise ImageError(f"{name}: cannot read image: {_one_line(e)}") from None
+    raise ImageError(f"{name}: not a PNG, JPEG or WebP image (the only formats accepted)")
+
+
+def _normalise(image: PIL.Image.Image, mode: str | None, name: str, max_pixels: int | None,
+               max_side: int | None) -> PIL.Image.Image:
+    if image.format is not None and image.format not in IMAGE_FORMATS:
+        raise ImageError(f"{name}: {image.format} images are not accepted; give a PNG, JPEG or WebP image")
+    width, height = image.size
+    limit = max_image_pixels(max_pixels)
+    if width * height > limit:
+        raise ImageError(f"{name}: image is {width}x{height} ({width * height:,} pixels), over the limit of "
+                         f"{limit:,}; if you trust it, raise the limit with {MAX_PIXELS_ENV}")
+    if max_side is not None and max(width, height) > max_side:
+        raise ImageError(f"{name}: image is {width}x{height}; the limit is {max_side} pixels a side")
+    try:
+        image = PIL.ImageOps.exif_transpose(image)  # decodes the pixels; returns a copy
+    except Exception as e:  # noqa: BLE001 (truncated or corrupt pixel data)
+        raise ImageError(f"{name}: cannot read image: {_one_line(e)}") from None
+    info = dict(image.info)  # text chunks, and the EXIF without its (now applied) orientation
+    image = eight_bit(image)
+    if mode == "RGB":
+        image = flatten_alpha(image)
+    elif mode == "L":
+        image = flatten_alpha(image, background=(0, 0, 0)).convert("L")
+    image.info = info
+    return image
+
+
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """16-bit grayscale (PNG's "I;16", or "I") scaled to 8-bit "L"; other images as they are. Pillow's own
+    conversion clips 0..65535 to 0..255, which turns almost every pixel white."""
+    if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        return image
+    wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return PIL.Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # rounded x 255 / 65535
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def resize(image: ImageInput, height: int, width: int) -> ImageInput:
@@ -113,7 +258,7 @@ def preprocess_mask(mask: ImageInput, grid_height: int, grid_width: int, name: s
     if isinstance(mask, PIL.Image.Image):
         mask = [mask]
     if isinstance(mask, (list, tuple)) and all(isinstance(m, PIL.Image.Image) for m in mask):
-        small = [m.convert("L").resize((grid_width, grid_height), PIL.Image.LANCZOS) for m in mask]
+        small = [eight_bit(m).convert("L").resize((grid_width, grid_height), PIL.Image.LANCZOS) for m in mask]
         values = _to_batch_tensor(small, name, channels=1)
     else:
         values = _to_batch_tensor(mask, name, channels=1)
@@ -188,6 +333,37 @@ def make_image_grid(images: Sequence[PIL.Image.Image], rows: int | None = None, 
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), box=(i % cols * w, i // cols * h))
     return grid
+
+
+def check_output_path(path, flag: str = "--out") -> Path:
+    """Refuse, before any work is done, an output path that cannot take a PNG.
+
+    Args:
+        path: where the image is to be written.
+        flag: the argument it came from, named in the error (e.g. "--out", "--grid").
+
+    Returns:
+        The path, with `~` expanded.
+
+    Raises:
+        ValueError: one line naming `flag`: not a .png name, an existing folder or device, a parent that is a
+            file (`/dev/null/x.png`), or a folder that cannot be written.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{flag} {path}: only .png output is supported (it carries the generation settings)")
+    if path.exists() and not path.is_file():  # a device or pipe: the rename would replace it
+        raise ValueError(f"{flag} {path}: exists and is not a regular file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # atomic_write creates missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {folder} (permission denied)")
+    return path
 
 
 def save_image(image: PIL.Image.Image, path, metadata: dict | None = None) -> None:

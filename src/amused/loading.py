@@ -20,7 +20,8 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,8 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
                               f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                               f"{'...' if len(unexpected) > 5 else ''}")
     for key, tensor in state.items():
+        if expected[key].is_floating_point() and not tensor.is_floating_point():  # ints/bools: not weights
+            raise CheckpointError(f"{path}: {key} is a {tensor.dtype} tensor; weights must be floating point")
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config gives "
                                   f"{tuple(expected[key].shape)}")
@@ -192,25 +195,42 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename over `path`, so readers never see a partial file. The temp file,
-    `.NAME.PID.RANDOM.tmp` beside `path`, names its writer, so `clean_stale_temps` can remove it after a
-    SIGKILL without touching a live writer's."""
+    """Call `write(tmp_path)` then rename over `path`, so readers never see a partial file.
+
+    The temp file beside `path`, `.NAME.amused-PID-RANDOM.tmp`, carries amused's marker and its writer's pid, so
+    `clean_stale_temps` can remove it after a SIGKILL without touching a live writer's or anyone else's. It is
+    created with mode 0666 and the kernel applies the umask, so the file gets the permissions any new file would
+    (0644 under the usual 022), not mkstemp's 0600, and without changing the process umask to read it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+TEMP_MARKER = "amused"
+_TEMP_NAME = re.compile(rf"^\.(?P<name>.+)\.{TEMP_MARKER}-(?P<pid>\d+)-[0-9a-f]{{16}}\.tmp$")
+
+
+def _create_temp(path: Path) -> Path:
+    while True:
+        tmp = path.with_name(f".{path.name}.{TEMP_MARKER}-{os.getpid()}-{secrets.token_hex(8)}.tmp")
+        try:  # O_EXCL: never reuse or follow an existing name (a planted symlink included)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def clean_stale_temps(folder: Path) -> list[Path]:
     """Delete `atomic_write` temp files in `folder` whose writing process is gone (killed mid-write).
+
+    Only what amused can show it wrote is touched: names with amused's marker and a random part of its exact
+    shape, regular files (not links) owned by this user, whose pid is not running.
 
     Returns:
         The deleted paths.
@@ -218,9 +238,15 @@ def clean_stale_temps(folder: Path) -> list[Path]:
     removed = []
     if not folder.is_dir():
         return removed
-    for p in folder.glob(".*.tmp"):
+    for p in folder.glob(f".*.{TEMP_MARKER}-*.tmp"):
         m = _TEMP_NAME.match(p.name)
-        if m is None or not p.is_file() or _alive(int(m["pid"])):
+        if m is None or _alive(int(m["pid"])):
+            continue
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
@@ -234,8 +260,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
         return False
-    except OSError:
-        return True  # exists (another user's) or unknowable: keep the file
+    except (OSError, OverflowError):
+        return True  # exists (another user's), or no pid a process could have: keep the file
     return True
 
 

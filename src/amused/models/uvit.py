@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import check_at_least, check_fraction, check_types
 from .layers import AdaNorm, Attention, FeedForward, GlobalResponseNorm, RMSNorm, share_rows, sinusoidal_embedding
+
+
+MAX_SAMPLE_SIZE = 256  # tokens a side: 4096 px with a 16x VQ-GAN (published models: 16 and 32)
+MICRO_CONDS = 5  # [width, height, crop_top, crop_left, aesthetic_score]
 
 
 @dataclass
@@ -56,14 +61,33 @@ class UViTConfig:
         return self.vocab_size - 1
 
     def __post_init__(self):
+        check_types(self)
+        check_at_least(self, 1, "hidden_size", "cond_embed_dim", "micro_cond_encode_dim", "micro_cond_embed_dim",
+                       "encoder_hidden_size", "vocab_size", "codebook_size", "in_channels", "block_out_channels",
+                       "block_num_heads", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "sample_size")
+        check_at_least(self, 0, "num_res_blocks")
+        check_fraction(self, "hidden_dropout", "attention_dropout")
+        if not 0 < self.layer_norm_eps < 1:
+            raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
+        if self.sample_size > MAX_SAMPLE_SIZE:  # generation defaults to this grid: 16384 would ask for 274 GB
+            raise ValueError(f"sample_size {self.sample_size} is over {MAX_SAMPLE_SIZE} tokens a side")
+        if self.downsample != self.upsample:
+            raise ValueError(f"downsample ({self.downsample}) and upsample ({self.upsample}) must be equal, or the "
+                             f"logits do not match the token grid")
+        if self.downsample and self.sample_size % 2:
+            raise ValueError(f"sample_size {self.sample_size} must be even when downsample is true")
+        if self.micro_cond_encode_dim % 2:
+            raise ValueError(f"micro_cond_encode_dim {self.micro_cond_encode_dim} must be even (cos and sin halves)")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
         if self.block_out_channels % self.block_num_heads:
             raise ValueError(f"block_out_channels {self.block_out_channels} is not divisible by block_num_heads "
                              f"{self.block_num_heads}")
-        if self.micro_cond_embed_dim % self.micro_cond_encode_dim:
-            raise ValueError("micro_cond_embed_dim must be a multiple of micro_cond_encode_dim")
+        if self.micro_cond_embed_dim != MICRO_CONDS * self.micro_cond_encode_dim:
+            raise ValueError(f"micro_cond_embed_dim {self.micro_cond_embed_dim} must be {MICRO_CONDS} x "
+                             f"micro_cond_encode_dim {self.micro_cond_encode_dim} (one encoding per number)")
         if self.codebook_size >= self.vocab_size:
             raise ValueError(f"codebook_size {self.codebook_size} must be smaller than vocab_size {self.vocab_size}")
 

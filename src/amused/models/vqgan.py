@@ -15,6 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_at_least, check_types
+
+
+MAX_STAGES = 8  # resolution stages: 2 ** 7 = 128 pixels a token at most (the published tokenizer: 5, 16x)
+
 
 @dataclass
 class VQGANConfig:
@@ -39,9 +44,15 @@ class VQGANConfig:
     up_block_types: list[str] | None = None  # informational (all "UpDecoderBlock2D")
 
     def __post_init__(self):
+        check_types(self)
         self.block_out_channels = list(self.block_out_channels)
         if self.vq_embed_dim is None:
             self.vq_embed_dim = self.latent_channels
+        check_at_least(self, 1, "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                       "latent_channels", "num_vq_embeddings", "vq_embed_dim", "norm_num_groups", "sample_size")
+        if not 1 <= len(self.block_out_channels) <= MAX_STAGES:
+            raise ValueError(f"block_out_channels must have 1 to {MAX_STAGES} entries (a {2 ** (MAX_STAGES - 1)}x "
+                             f"tokenizer at most), got {len(self.block_out_channels)}")
         if self.act_fn != "silu":
             raise ValueError(f"VQGAN act_fn {self.act_fn!r} is not supported (only 'silu')")
         if self.norm_type != "group":
@@ -55,10 +66,12 @@ class VQGANConfig:
         n = len(self.block_out_channels)
         self.down_block_types = list(self.down_block_types or ["DownEncoderBlock2D"] * n)
         self.up_block_types = list(self.up_block_types or ["UpDecoderBlock2D"] * n)
-        for name in ("down_block_types", "up_block_types"):
+        for name, known in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = getattr(self, name)
-            if types is not None and len(types) != n:
+            if len(types) != n:
                 raise ValueError(f"VQGAN {name} has {len(types)} entries but block_out_channels has {n}")
+            if any(t != known for t in types):
+                raise ValueError(f"VQGAN {name} {types} holds unknown block types: only {known!r} is supported")
 
     @property
     def scale_factor(self) -> int:

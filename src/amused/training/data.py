@@ -21,7 +21,6 @@ of an epoch from (seed, epoch), so a resumed run sees exactly the batches an uni
 from __future__ import annotations
 
 import csv
-import io
 import json
 import random
 from pathlib import Path
@@ -29,11 +28,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from safetensors import safe_open
 
-from ..images import flatten_alpha
+from ..images import load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 DEFAULT_AESTHETIC = 6.0
@@ -45,8 +43,11 @@ DEFAULT_AESTHETIC = 6.0
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """EXIF-rotated RGB; transparent pixels become white instead of whatever colour they hide."""
-    return flatten_alpha(PIL.ImageOps.exif_transpose(image))
+    """EXIF-rotated 8-bit RGB, transparent pixels white: `load_image`'s normalisation, which also checks the
+    size and format of images opened elsewhere (tar shards, `datasets` columns) before decoding them."""
+    if image.mode == "RGB" and image.format is None:  # made in memory, e.g. by a source below: done already
+        return image
+    return load_image(image, name=getattr(image, "filename", None) or None)
 
 
 def preprocess(image: PIL.Image.Image, resolution: int, rng: random.Random, center_crop: bool = False,
@@ -148,12 +149,7 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, caption = self.rows[index]
-        try:
-            with PIL.Image.open(path) as image:
-                image.load()
-                return {"image": image.copy(), "caption": caption}
-        except (OSError, PIL.UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read training image {path}: {e}") from e
+        return {"image": load_image(path, name=f"training image {path}"), "caption": caption}
 
 
 class SingleImage:
@@ -168,9 +164,7 @@ class SingleImage:
         return 1
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        with PIL.Image.open(self.path) as image:
-            image.load()
-            return {"image": image.copy(), "caption": self.prompt}
+        return {"image": load_image(self.path, name=f"--instance_data_image {self.path}"), "caption": self.prompt}
 
 
 class Records:
@@ -194,11 +188,10 @@ class Records:
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         image = record[self.image_column]
-        if isinstance(image, (str, Path)):
-            image = PIL.Image.open(image)
-        elif isinstance(image, dict) and image.get("bytes") is not None:
-            image = PIL.Image.open(io.BytesIO(image["bytes"]))
-        return {"image": image, "caption": str(record[self.caption_column])}
+        if isinstance(image, dict):  # a `datasets` Image column without decoding: {"bytes": ..., "path": ...}
+            image = image["bytes"] if image.get("bytes") is not None else image.get("path")
+        return {"image": load_image(image, name=f"dataset row {index} {self.image_column!r}"),
+                "caption": str(record[self.caption_column])}
 
 
 # ----------------------------------------------------------------------------------------------------------
