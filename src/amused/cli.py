@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .runtime import add_output_args, add_runtime_args, engine_from_args
+from .runtime import add_output_args, add_runtime_args, check_seed, engine_from_args
 
 EXAMPLES = {
     "generate": """examples:
@@ -65,6 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = [p for p in prompts for _ in range(args.num_images)]
     single = len(jobs) == 1 and args.out_dir is None
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.out).parent
+    check_outputs(args, single, out_dir)  # before any model is loaded
+    check_seed(args.seed + (len(jobs) - 1) // args.batch_size, "--seed")
     clean_stale_temps(out_dir)  # temp files a killed earlier run left (the images themselves are never partial)
     engine = engine_from_args(args, expected_images=len(jobs), lora=args.lora, lora_scale=args.lora_scale)
     loaded = time.perf_counter()
@@ -108,6 +110,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_outputs(args: argparse.Namespace, single: bool, out_dir: Path | None) -> None:
+    """Refuse unusable output paths before any work: a folder or device where a PNG should go, a suffix other
+    than .png, a folder that cannot be written, --out-dir naming a file."""
+    from .images import check_output_path
+
+    if single:
+        check_output_path(args.out, "--out")
+    elif out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+        check_output_path(out_dir / "0000_image.png", "--out-dir")
+    if getattr(args, "grid", None):
+        check_output_path(args.grid, "--grid")
+
+
 def stream_metadata(engine) -> dict:
     """What a PNG records of the random stream, so `--from-image` draws from the same one."""
     return {"stream": "reference" if engine.reference_stream or engine.device.type == "cpu" else "device",
@@ -120,7 +137,8 @@ def regenerate(args: argparse.Namespace) -> int:
     from .replay import confirm_model, parse_recorded
 
     source = f"--from-image {args.from_image}"
-    recorded = parse_recorded(load_image(args.from_image).info.get("amused"), source)
+    check_outputs(args, True, None)
+    recorded = parse_recorded(load_image(args.from_image, name="--from-image").info.get("amused"), source)
     model, lora = confirm_model(recorded, args.model, args.lora, args.use_recorded_model, source)
     if recorded.stream == "reference":
         args.reference_stream = True  # drawn from diffusers' stream: replay from it, on any device
@@ -176,18 +194,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from .images import flatten_alpha, load_image, make_image_grid, save_image
+    from .images import load_image, make_image_grid, save_image
     from .loading import clean_stale_temps
     from .replay import parse_recorded
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    loaded = load_image(args.image)
-    source = flatten_alpha(loaded)  # transparent pixels on white, as the API and training read images
+    check_outputs(args, True, None)
+    check_seed(args.seed + args.num_images - 1, "--seed")
+    # EXIF orientation applied, 16-bit scaled, transparency on white: as the API and training read images
+    source = load_image(args.image, name="IMAGE")
     clean_stale_temps(Path(args.out).parent)  # temp files a killed earlier run left
     prompt = args.prompt
     if prompt is None:  # variations (or no prompt given): reuse the prompt recorded in the PNG, else none
-        text = loaded.info.get("amused")
+        text = source.info.get("amused")
         prompt = parse_recorded(text, f"{args.image}").prompts[0] if text else ""
     kwargs = sampling_kwargs(args)
     kwargs.pop("height"), kwargs.pop("width")
@@ -228,7 +248,7 @@ def _mask(args: argparse.Namespace, size: tuple[int, int]):
     if (args.mask is None) == (args.rect is None):
         raise ValueError("inpaint needs exactly one of --mask FILE or --rect X0 Y0 X1 Y1")
     if args.mask is not None:
-        return load_image(args.mask).convert("L")
+        return load_image(args.mask, mode="L", name="--mask")
     x0, y0, x1, y1 = args.rect
     if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]):
         raise ValueError(f"--rect {x0} {y0} {x1} {y1} must satisfy 0 <= x0 < x1 <= {size[0]} and "

@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .images import flatten_alpha
 from .runtime import add_runtime_args, make_generator
 from .steps import MASK_GREY, confidence_map, save_gif, step_frames
 
@@ -238,20 +239,31 @@ def fit_square(image: PIL.Image.Image, size: int, resample=PIL.Image.LANCZOS) ->
     return square.resize((size, size), resample)
 
 
+def as_image(value, name: str, mode: str | None = "RGB") -> PIL.Image.Image | None:
+    """An uploaded image as gradio hands it over (a file path, with type="filepath") or a PIL image (the tabs'
+    own outputs, tests), through the one image reader: PNG, JPEG or WebP, size checked before decoding."""
+    from .images import load_image
+
+    if value is None or isinstance(value, PIL.Image.Image):
+        return value
+    return load_image(value, mode=mode, name=name)
+
+
 def editor_to_inputs(value: dict | None, size: int, grid: int) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """An ImageEditor value -> (image, mask): the background as the image and every drawn layer, united, as the
     mask (white = regenerate). The mask is snapped to the token grid: a token is regenerated when the strokes
     cover a twentieth of its cell, so a thin stroke still marks the tokens it crosses.
 
     Args:
-        value: gr.ImageEditor's value with type="pil": {"background", "layers", "composite"}.
+        value: gr.ImageEditor's value: {"background", "layers", "composite"}, file paths (type="filepath") or
+            PIL images.
         size: side of the square image the pipeline gets, in pixels.
         grid: tokens per side at that size (size // VQ factor).
     """
-    background = (value or {}).get("background")
+    background = as_image((value or {}).get("background"), "image", mode=None)
     if background is None:
         raise ValueError("image: upload an image to edit (or send one from the Text to image tab) first")
-    layers = [layer for layer in value.get("layers") or [] if layer is not None]
+    layers = [as_image(layer, "mask layer", mode=None) for layer in value.get("layers") or [] if layer is not None]
     drawn = np.zeros((background.height, background.width), dtype=np.float32)
     for layer in layers:
         alpha = layer.convert("RGBA").resize(background.size, PIL.Image.NEAREST).getchannel("A")
@@ -272,7 +284,7 @@ def inpaint(pipe, prompt: str, editor: dict | None, options: Options, folder: Pa
     with surface_errors():
         kwargs = options.pipe_kwargs(pipe.device)
         size = native_size(pipe) if options.size is None else _integer(options.size, "size")
-        pipe.vqvae.check_size(size, size, "size")
+        pipe.check_size(size, size, "size")
         image, mask = editor_to_inputs(editor, size, size // pipe.vae_scale_factor)
         out = AmusedInpaintPipeline.from_pipe(pipe)(
             prompt, image=image, mask_image=mask, return_steps=True,
@@ -280,19 +292,20 @@ def inpaint(pipe, prompt: str, editor: dict | None, options: Options, folder: Pa
     yield from _stream(pipe, out.images, out.steps, folder, frame_delay)
 
 
-def image_to_image(pipe, prompt: str, image: PIL.Image.Image | None, strength: float, options: Options,
+def image_to_image(pipe, prompt: str, image: PIL.Image.Image | str | None, strength: float, options: Options,
                    folder: Path, frame_delay: float = 0.0, progress: Callable | None = None):
     """Re-generate a `strength` fraction of the image's tokens, guided by `prompt`."""
     from .pipeline import AmusedImg2ImgPipeline
 
     with surface_errors():
+        image = as_image(image, "image")
         if image is None:
             raise ValueError("image: upload an image (or send one from the Text to image tab) first")
         kwargs = options.pipe_kwargs(pipe.device)
         size = native_size(pipe) if options.size is None else _integer(options.size, "size")
-        pipe.vqvae.check_size(size, size, "size")
+        pipe.check_size(size, size, "size")
         out = AmusedImg2ImgPipeline.from_pipe(pipe)(
-            prompt, image=fit_square(image.convert("RGB"), size), strength=_number(strength, "strength"),
+            prompt, image=fit_square(flatten_alpha(image), size), strength=_number(strength, "strength"),
             return_steps=True, callback=_progress_callback(progress, kwargs["num_inference_steps"]), **kwargs)
     yield from _stream(pipe, out.images, out.steps, folder, frame_delay)
 
@@ -459,7 +472,7 @@ def build_demo(pipe, model_name: str = "the embedded emoji model", frame_delay: 
                 with gr.Row():
                     with gr.Column(scale=2):
                         editor = gr.ImageEditor(
-                            value=start, type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+                            value=start, type="filepath", image_mode="RGBA", sources=["upload", "clipboard"],
                             label="Paint over what to regenerate", height=DISPLAY_SIZE + 150,
                             brush=gr.Brush(default_size=24, colors=["#ff00ff"], color_mode="fixed"),
                             eraser=gr.Eraser(default_size=24), transforms=[], layers=False,
@@ -474,7 +487,7 @@ def build_demo(pipe, model_name: str = "the embedded emoji model", frame_delay: 
             with gr.Tab("Image to image", id="img2img"):
                 with gr.Row():
                     with gr.Column(scale=2):
-                        i2i_image = gr.Image(value=start, type="pil", sources=["upload", "clipboard"],
+                        i2i_image = gr.Image(value=start, type="filepath", sources=["upload", "clipboard"],
                                              label="Starting image", height=DISPLAY_SIZE, elem_id="img2img-image",
                                              elem_classes=["pixelated"])
                         i2i_prompt = gr.Textbox(label="Prompt", value=IMG2IMG_EXAMPLES[0], elem_id="img2img-prompt")

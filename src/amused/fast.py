@@ -241,19 +241,20 @@ class FastDecoder:
             draws = sampling.gumbel_draws(draw_shape, self.generator, device)  # in the plain path's stream order
             return self.step(model, grid, ctx, draws, total, ratio, temp, last, guidance_scale, mask_id, shape)
 
-        steps = callback = None
-        if record:
+        steps = None
+        if record:  # per-step records, written inside the graph
             steps = {"tokens": torch.empty((num_steps, B, H * W), dtype=torch.long, device=device),
                      "predicted": torch.empty((num_steps, B, H * W), dtype=torch.long, device=device),
                      "confidence": torch.empty((num_steps, B, H * W), dtype=torch.float32, device=device)}
 
-            def callback(i, result):
-                for name in steps:
-                    steps[name][i].copy_(getattr(result, name))
+        def record_step(i, result):
+            for name in steps:
+                steps[name][i].copy_(getattr(result, name))
 
         tokens = sampling.decode(None, bufs["tokens"], num_steps=num_steps, mask_token_id=mask_id,
                                  start_step=start_step, schedule=schedule, temperature=temperature,
-                                 total=bufs.get("total"), draw="gumbel", generator=self.generator, callback=callback,
+                                 total=bufs.get("total"), draw="gumbel", generator=self.generator,
+                                 callback=record_step if record else None,
                                  fused_step=fused_step)
         return tokens, self._vq_decode(tokens), steps
 

@@ -292,14 +292,21 @@ class AmusedPipeline:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
 
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: the VQ factor, twice it when the U-ViT halves the token grid."""
+        return self.vae_scale_factor * (2 if self.transformer.config.downsample else 1)
+
     def check_size(self, height: int, width: int, name: str) -> None:
-        """Refuse pixel sizes the VQ-GAN and the U-ViT cannot tile; `name` is the argument the size came from."""
-        self.vqvae.check_size(height, width, name)
-        if self.transformer.config.downsample:  # the U-ViT halves the token grid before its transformer
-            f = self.vae_scale_factor * 2
-            if height % f or width % f:
-                raise ValueError(f"{name} {width}x{height} (width x height) must be multiples of {f} for this "
-                                 f"model (VQ factor {self.vae_scale_factor} x the U-ViT's 2x downsampling)")
+        """Refuse pixel sizes the VQ-GAN and the U-ViT cannot tile; `name` is the argument the size came from.
+        One rule, stated once, with the nearest sizes that work."""
+        f = self.size_multiple
+        bad = [v for v in (height, width) if not isinstance(v, int) or v < f or v % f]
+        if bad:
+            v = bad[0]
+            near = sorted({max(f, (v // f) * f), max(f, -(-v // f) * f)}) if isinstance(v, int) else [f]
+            raise ValueError(f"{name} {width}x{height} (width x height): each side must be a positive multiple of {f} "
+                             f"for this model; nearest for {v!r}: {' or '.join(map(str, near))}")
 
     @torch.inference_mode()
     def _generate(self, *, prompt, negative_prompt, tokens_fn, height, width, num_inference_steps, guidance_scale,
@@ -659,8 +666,8 @@ class AmusedInpaintPipeline(AmusedPipeline):
             tokens = _broadcast(tokens, n, "image")
             region = _broadcast(mask.to(tokens.device), n, "mask_image")
             if not region.any(dim=(1, 2)).all():  # one check before decoding, not in the loop
-                raise ValueError("mask_image covers no token at the VQ resolution (16x16 px per token); mark a "
-                                 "larger area")
+                raise ValueError(f"mask_image covers no token at the VQ resolution ({f}x{f} px per token, a token "
+                                 f"counts when the mask covers about half of it); mark a larger area")
             tokens = torch.where(region, self.scheduler.mask_token_id, tokens)
             tokens = _broadcast(tokens.repeat(num_images_per_prompt, 1, 1), batch, "image")
             return StartGrid(tokens, start_step, None)  # the schedule spreads over each sample's own region

@@ -208,10 +208,10 @@ def make_generator(device, seed: int | None = None, reference_stream: bool = Fal
     return generator
 
 
-def check_seed(seed) -> int:
-    """A seed as torch takes it: a whole number in [0, 2**64)."""
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed as torch takes it: a whole number in [0, 2**64); `name` is the argument it came from."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
+        raise ValueError(f"{name} must be a whole number in [0, 2**64), got {seed!r}")
     return seed
 
 
@@ -227,8 +227,6 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
         expected_images: images this run will make; "auto" compiles only when that pays.
         lora, lora_scale: LoRA weights to load (fused into the weights when the fast path is on).
     """
-    import torch
-
     from transformers.utils import logging as hf_logging
 
     import amused

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import io
 import json
 import time
 from contextlib import asynccontextmanager
@@ -29,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from ..images import decode_base64_image
 from ..server import ServerSettings
 from ..runtime import Engine
 from .batcher import Batcher, Cancelled, Job, QueueFull, ShuttingDown, png_bytes
@@ -259,24 +258,13 @@ class Service:
         return value
 
     def decode_image(self, data: str, field: str, mode: str | None) -> PIL.Image.Image:
-        """base64 (or data: URL) -> PIL image; the size is checked before the pixels are decoded."""
-        if data.startswith("data:"):
-            data = data.partition(",")[2]
+        """base64 (or data: URL) -> PIL image through the one image reader (`amused.images.load_image`): PNG,
+        JPEG or WebP only, the declared size checked before the pixels are decoded, EXIF orientation, 16-bit
+        scaling; alpha kept for images (the pipeline flattens it onto white)."""
         try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise invalid(field, f"{field} is not valid base64: {e}") from None
-        try:
-            image = PIL.Image.open(io.BytesIO(raw))
-            if max(image.size) > self.settings.max_side:
-                raise invalid(field, f"{field} is {image.width}x{image.height}; the limit is "
-                                     f"{self.settings.max_side} pixels a side")
-            image.load()
-            return image if mode is None else image.convert(mode)
-        except RequestValidationError:
-            raise
-        except Exception as e:  # noqa: BLE001 (PIL raises many kinds for corrupt files)
-            raise invalid(field, f"{field} is not a readable image: {e}") from None
+            return decode_base64_image(data, name=field, mode=mode, max_side=self.settings.max_side)
+        except ValueError as e:
+            raise invalid(field, str(e)) from None
 
     def wants_png(self, body: Common, request: Request) -> bool:
         fmt = body.response_format

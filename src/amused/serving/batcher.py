@@ -34,7 +34,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 
 class QueueFull(Exception):
