@@ -16,7 +16,7 @@ import torch
 
 from amused.embedded import embedded_model_path
 from amused.images import make_image_grid
-from amused.pipeline import AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline
+from amused import AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline
 from amused.steps import confidence_map, step_frames
 
 RECT = (12, 34, 52, 58)  # left, top, right, bottom in pixels: the mouth of a 64 px face

@@ -44,7 +44,7 @@ def test_prompts_file_batches_grid_and_replay_of_a_batched_image(ref_dir, tmp_pa
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "x", "--height", "7"], "multiples of the VQ factor"),
+    (["generate", "x", "--height", "7"], "positive multiple of 4 for this model; nearest for 7: 4 or 8"),
     (["generate", "x", "--steps", "0"], "num_inference_steps"),
     (["generate", "--prompts-file", "/nonexistent.txt"], "--prompts-file /nonexistent.txt does not exist"),
     (["generate", "x", "--out", "a.jpg"], "only .png"),

