@@ -23,8 +23,10 @@ once per step, with that step's tokens.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -52,6 +54,15 @@ class _TextGraph:
 
 
 COMPILE_MODES = ("blocks", "full")
+
+
+def use_compile_cache() -> str | None:
+    """Keep torch.compile's caches on disk across runs (~/.cache/amused/torch_compile unless TORCHINDUCTOR_CACHE_DIR
+    is set), so a second start of the same model reuses the first one's compiled kernels."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "amused" / "torch_compile")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def compile_blocks(pipe) -> None:

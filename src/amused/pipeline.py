@@ -388,8 +388,10 @@ class AmusedPipeline:
                 statistics, a parallel two-level reduction that compiles to fast kernels on channels-last
                 activations); "native" keeps F.group_norm.
         """
-        from .fast import FastDecoder
+        from .fast import FastDecoder, use_compile_cache
 
+        if compile:
+            use_compile_cache()  # compiled kernels kept on disk: a second start of the same model reuses them
         if self.device.type != "cuda":
             raise ValueError("enable_fast needs the pipeline on a CUDA device; call .to('cuda') first")
         for module in self.transformer.modules():

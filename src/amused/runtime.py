@@ -16,7 +16,7 @@ What it decides, once, for every face:
   time of a call, see README, Performance);
 - the fast path (`fast`): "off" (the plain loop), "graph" (the whole decode as a CUDA graph, eager kernels:
   a second or so of capture per new shape), "compile" (also `torch.compile`d: the fastest replay, tens of
-  seconds of compilation per new shape, cached on disk across runs), or "auto", which picks by the number of
+  seconds of compilation per new shape, cached on disk across runs: `fast.use_compile_cache`), or "auto", which picks by the number of
   images the face expects to make (`expected_images`; measured, see `COMPILE_FROM_IMAGES`);
 - CPU threads (`configure_cpu_threads`).
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -113,15 +112,6 @@ def resolve_fast(fast: str, device, expected_images: int = 1) -> str:
             return "compile"
         return "graph" if expected_images >= GRAPH_FROM_IMAGES else "off"
     return fast
-
-
-def use_compile_cache() -> str | None:
-    """Keep torch.compile's caches on disk across runs (~/.cache/amused/torch_compile unless TORCHINDUCTOR_CACHE_DIR
-    is set), so a second start of the same model reuses the first one's compiled kernels."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "amused" / "torch_compile")
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 @dataclass
@@ -246,8 +236,6 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
     if mode != "off":
         if lora:
             pipe.fuse_lora()  # the graph bakes the (fused) projection weights
-        if mode == "compile":
-            use_compile_cache()
         pipe.enable_fast(compile=mode == "compile")
     return Engine(pipe, model_name=EMBEDDED_NAME if model in (None, EMBEDDED_NAME) else str(model), fast=mode,
                   reference_stream=reference_stream, state="ready")
