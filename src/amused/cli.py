@@ -50,7 +50,11 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Prompts x --num-images images, generated --batch-size at a time (one pipeline call per batch)."""
+    """Prompts x --num-images images, generated --batch-size at a time (one pipeline call per batch).
+
+    Under `accelerate launch` (or torchrun) the batches are dealt out over the processes, one per GPU or CPU
+    process; batch k is seeded seed + k whichever process makes it, so the files are the ones a single process
+    writes, pixel for pixel. A rerun skips every batch whose images exist with the same recorded settings."""
     from tqdm import tqdm
 
     from .images import make_image_grid, save_image
@@ -67,47 +71,107 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.out).parent
     check_outputs(args, single, out_dir)  # before any model is loaded
     check_seed(args.seed + (len(jobs) - 1) // args.batch_size, "--seed")
-    clean_stale_temps(out_dir)  # temp files a killed earlier run left (the images themselves are never partial)
-    engine = engine_from_args(args, expected_images=len(jobs), lora=args.lora, lora_scale=args.lora_scale)
-    loaded = time.perf_counter()
+    share = process_share(args)
+    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    paths = [[Path(args.out) if single else out_dir / f"{b * args.batch_size + i:04d}_{_slug(prompt)}.png"
+              for i, prompt in enumerate(batch)] for b, batch in enumerate(batches)]
+    if share.rank == 0:
+        clean_stale_temps(out_dir)  # temp files a killed earlier run left (the images themselves are never partial)
+    engine = engine_from_args(args, expected_images=len(jobs) // share.world, lora=args.lora,
+                              lora_scale=args.lora_scale)
+    loaded = first_done = time.perf_counter()
     pipe = engine.pipe
     kwargs = sampling_kwargs(args)
     steps, guidance, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, kwargs.get("temperature"))
-    written, images = [], []
-    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
-    for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=args.quiet or args.json or
-                                   len(batches) == 1)):
-        seed = args.seed + b  # one generator per batch call; the PNG records seed + batch to replay it exactly
-        out = pipe(batch, generator=engine.generator(seed), **kwargs).images
-        for i, (prompt, image) in enumerate(zip(batch, out)):
-            n = b * args.batch_size + i
-            path = Path(args.out) if single else out_dir / f"{n:04d}_{_slug(prompt)}.png"
-            meta = {"prompt": prompt, "seed": seed, "batch_prompts": batch, "batch_index": i,
-                    "model": engine.model_name, "steps": steps, "guidance_scale": guidance,
-                    "temperature": list(temperature) if isinstance(temperature, tuple) else temperature,
-                    "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
-                    "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
-                    **stream_metadata(engine)}
-            save_image(image, path, meta)
-            written.append(str(path))
-            images.append(image)
-        if b == 0:
+    settings = {"model": engine.model_name, "steps": steps, "guidance_scale": guidance,
+                "temperature": list(temperature) if isinstance(temperature, tuple) else temperature,
+                "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
+                "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None, **stream_metadata(engine)}
+
+    def meta(b: int, i: int) -> dict:
+        return {"prompt": batches[b][i], "seed": args.seed + b, "batch_prompts": batches[b], "batch_index": i,
+                **settings}
+
+    mine = [b for b in range(share.rank, len(batches), share.world)]
+    todo = [b for b in mine if single or not all(_recorded_as(path, meta(b, i)) for i, path in enumerate(paths[b]))]
+    made = 0
+    for k, b in enumerate(tqdm(todo, desc="generate", unit="batch", disable=args.quiet or args.json or
+                               len(todo) <= 1)):
+        # one generator per batch call, seeded seed + batch: the PNG records both, to replay it exactly
+        out = pipe(batches[b], generator=engine.generator(args.seed + b), **kwargs).images
+        for i, image in enumerate(out):
+            save_image(image, paths[b][i], meta(b, i))
+        made += len(out)
+        if k == 0:
             first_done = time.perf_counter()
     done = time.perf_counter()
+    share.wait_for_everyone()  # the grid and the report need every process's images
+    if share.rank != 0:
+        return 0
+    written = [str(path) for batch_paths in paths for path in batch_paths]
     if args.grid:
+        from .images import load_image
+
+        images = [load_image(path) for path in written]
         save_image(make_image_grid(images, cols=args.num_images if len(prompts) > 1 else None), args.grid,
                    {"prompts": prompts})
     if args.json:
-        rest = len(jobs) - len(batches[0])
+        rest = made - (len(batches[todo[0]]) if todo else 0)
         print(json.dumps({"images": written, "grid": str(args.grid) if args.grid else None, "prompts": prompts,
                           "seed": args.seed, "fast": engine.fast, "device": str(engine.device),
+                          "processes": share.world, "made_here": made, "skipped_batches": len(mine) - len(todo),
                           "seconds": {"load": round(loaded - started, 3), "first_batch": round(first_done - loaded, 3),
                                       "rest": round(done - first_done, 3), "total": round(done - started, 3)},
-                          "images_per_s_after_first_batch": round(rest / (done - first_done), 2) if rest else None}))
+                          "images_per_s_after_first_batch": round(rest / (done - first_done), 2) if rest > 0
+                          else None}))
     elif not args.quiet:
         where = written[0] if len(written) == 1 else f"{len(written)} images to {out_dir}"
-        print(f"wrote {where}" + (f" and the grid to {args.grid}" if args.grid else ""))
+        skipped = sum(len(paths[b]) for b in mine) - made
+        print(f"wrote {where}" + (f" and the grid to {args.grid}" if args.grid else "") +
+              (f" ({skipped} already there with the same settings: kept)" if skipped else ""))
     return 0
+
+
+def _recorded_as(path: Path, meta: dict) -> bool:
+    """Whether `path` is a PNG that recorded exactly these settings (a rerun keeps it)."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            return json.loads(image.info.get("amused", "null")) == json.loads(json.dumps(meta))
+    except (OSError, ValueError):
+        return False
+
+
+class ProcessShare:
+    """This process's share of a multi-process run (`accelerate launch`, torchrun): rank and world size."""
+
+    def __init__(self, rank: int = 0, world: int = 1, group=None):
+        self.rank, self.world, self._group = rank, world, group
+
+    def wait_for_everyone(self) -> None:
+        if self._group is not None:
+            self._group.barrier()
+            self._group.destroy_process_group()
+
+
+def process_share(args: argparse.Namespace) -> ProcessShare:
+    """One process, or this one's place among the WORLD_SIZE processes a launcher (accelerate launch, torchrun)
+    started; with --device auto each process takes its own GPU (LOCAL_RANK). A gloo group serves only as the
+    barrier before the grid and the report."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return ProcessShare()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if args.device == "auto" and torch.cuda.is_available():
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return ProcessShare(dist.get_rank(), world, dist)
 
 
 def check_outputs(args: argparse.Namespace, single: bool, out_dir: Path | None) -> None:
