@@ -89,7 +89,7 @@ def amused_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "amused.cli", *args]
 
 
-def startup(ckpt: Path, work: Path, cache: Path) -> list[dict]:
+def startup(ckpt: Path, work: Path, cache: Path, quick: bool = False) -> list[dict]:
     base = ["generate", "a cat", "--model", str(ckpt), "--seed", "0", "--json"]
     env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
     rows = []
@@ -105,7 +105,10 @@ def startup(ckpt: Path, work: Path, cache: Path) -> list[dict]:
                                                                    "--reference-stream")),
              ("diffusers script (again)", [sys.executable, str(script), str(ckpt), str(work / "d2")]),
              ("import amused.cli", [sys.executable, "-c", "import amused.cli"])]
-    shutil.rmtree(cache, ignore_errors=True)
+    if quick:  # the default, graph and diffusers only (the compile and reference rows take minutes)
+        cases = [c for c in cases if c[0] in ("diffusers script", "amused default", "--fast graph")]
+    else:
+        shutil.rmtree(cache, ignore_errors=True)
     for name, cmd in cases:
         row = {"case": name, **timed_process(cmd, env)}
         rows.append(row)
@@ -113,7 +116,7 @@ def startup(ckpt: Path, work: Path, cache: Path) -> list[dict]:
     return rows
 
 
-def prompts(ckpt: Path, work: Path, cache: Path, n: int = 64) -> list[dict]:
+def prompts(ckpt: Path, work: Path, cache: Path, n: int = 64, quick: bool = False) -> list[dict]:
     env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
     file = work / "prompts.txt"
     file.write_text("\n".join((PROMPTS * (n // len(PROMPTS) + 1))[:n]) + "\n")
@@ -125,7 +128,7 @@ def prompts(ckpt: Path, work: Path, cache: Path, n: int = 64) -> list[dict]:
                                                          "--out-dir", str(work / "p1"), "--json")),
             ("amused --fast graph", amused_cmd("generate", "--prompts-file", str(file), "--model", str(ckpt),
                                                "--out-dir", str(work / "p2"), "--json", "--fast", "graph")),
-            ("diffusers script", [sys.executable, str(script), str(ckpt), str(work / "p3"), str(file)])]:
+            ("diffusers script", [sys.executable, str(script), str(ckpt), str(work / "p3"), str(file)])][:1 if quick else 3]:
         row = {"case": name, "images": n, **timed_process(cmd, env)}
         rows.append(row)
         print(json.dumps(row)[:400], flush=True)
@@ -178,6 +181,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=None, help="torch.compile cache folder for the runs")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per server load level")
     parser.add_argument("--repeats", type=int, default=10, help="engine timings: calls per row")
+    parser.add_argument("--quick", action="store_true", help="fewer cases: the defaults against diffusers")
     parser.add_argument("--out", type=Path, default=Path("user_facing.json"))
     args = parser.parse_args()
     import torch
@@ -195,9 +199,9 @@ def main() -> int:
         result["diffusers"] = None
     for part in args.parts:
         if part == "startup":
-            result["startup"] = startup(ckpt, work, cache)
+            result["startup"] = startup(ckpt, work, cache, args.quick)
         elif part == "prompts":
-            result["prompts"] = prompts(ckpt, work, cache)
+            result["prompts"] = prompts(ckpt, work, cache, quick=args.quick)
         elif part == "server":
             result["server"] = server(ckpt, work, cache, args.duration)
         else:
