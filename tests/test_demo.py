@@ -115,7 +115,7 @@ def test_image_to_image_runs_the_strength_fraction(pipe, start_image, tmp_path):
 
 
 @pytest.mark.parametrize("task, options, match", [
-    ("text", Options(size=63), "positive multiple of 4 for this model; nearest for 63: 60 or 64"),
+    ("text", Options(size=63), "positive multiple of 8 for this model; nearest for 63: 56 or 64"),
     ("text", Options(num_inference_steps=0), "num_inference_steps"),
     ("text", Options(seed=1.5), "seed"),
     ("inpaint-no-mask", Options(), "mask_image: draw over"),
