@@ -10,11 +10,14 @@ BIN := $(VENV)/bin
 .PHONY: install generate test clean
 
 $(BIN)/.installed: pyproject.toml
-	@# System packages the tests use: cairo (OpenMoji SVGs) and Chromium + its driver (the demo's browser test).
+	@# System packages the tests use: cairo (OpenMoji SVGs), Chromium + its driver (the demo's browser test) and
+	@# the Noto Color Emoji font (the noto renderer's test; the paths amused.data.emoji looks in).
 	@# Installed where we can (root on Debian); elsewhere, say what to install.
 	@missing=""; ldconfig -p 2>/dev/null | grep -q libcairo.so.2 || missing="libcairo2"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	  find /usr/share/fonts -maxdepth 3 -name NotoColorEmoji.ttf 2>/dev/null | grep -q . \
+	    || missing="$$missing fonts-noto-color-emoji"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -5,7 +5,6 @@ with the command to run, rather than skipping. Set AMUSED_UPDATE_SCREENSHOTS=1 t
 docs/images/demo_*.png from it.
 """
 
-import argparse
 import os
 import re
 import socket
@@ -26,7 +25,7 @@ except ModuleNotFoundError as e:
     pytest.fail(f"the demo tests need {e.name}: pip install -e '.[test,demo]'", pytrace=False)
 
 from amused import AmusedPipeline
-from amused.demo import (DISPLAY_SIZE, Options, add_command, build_demo, editor_to_inputs, image_to_image, inpaint,
+from amused.demo import (DISPLAY_SIZE, Options, build_demo, editor_to_inputs, image_to_image, inpaint,
                          launch, text_to_image, token_status)
 from amused.embedded import embedded_model_path
 from browser.chromium import INSTALL, draw_stroke, find_chromium, images_in, start_chromium, toasts, wait_for
@@ -134,13 +133,25 @@ def test_errors_reach_the_page_as_messages(pipe, start_image, tmp_path, task, op
         calls[task]()
 
 
-def test_cli_registers_demo():
-    parser = argparse.ArgumentParser(prog="amused")
-    add_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["demo"])
-    assert (args.model, args.host, args.port, args.share) == (None, "127.0.0.1", 7860, False)
-    help_text = parser._subparsers._group_actions[0].choices["demo"].format_help()
-    assert "examples:" in help_text and "amused demo --model" in help_text
+def test_amused_demo_serves_the_named_model_on_this_machine_only(ref_dir, monkeypatch, capsys):
+    """`amused demo` loads the model it is given, names it in the page header, and serves the page on
+    127.0.0.1:7860 with no public link unless told otherwise."""
+    import amused.demo
+    from amused.cli import main
+
+    launched = []
+    monkeypatch.setattr(amused.demo, "launch", lambda demo, *where: launched.append((demo, where)))
+    monkeypatch.setenv("AMUSED_NUM_THREADS", "1")  # 2 shared cores: see docs/reliability.md, CPU threads
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--model", str(ref_dir), "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # loading sets the CPU threads for the process
+    [(demo, where)] = launched
+    assert where == ("127.0.0.1", 7860, False)
+    header = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)][0]
+    assert str(ref_dir) in header
+    assert f"amused demo: {ref_dir} on cpu" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------------------

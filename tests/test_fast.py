@@ -96,7 +96,9 @@ def test_enable_fast_needs_cuda(ours):
         ours.enable_fast()
 
 
-def test_bench_runs_side_by_side_on_cpu(ref_dir, tmp_path):
+def test_bench_runs_side_by_side_on_cpu(ref_dir, tmp_path, capsys):
+    """`amused bench` on the CPU: both pipelines timed per batch size, the speed-up is their ratio, the FLOP
+    count grows with the batch, no graph-vs-plain claim is made without a GPU, and the JSON is what it returned."""
     import json
 
     from amused.bench import run
@@ -105,9 +107,16 @@ def test_bench_runs_side_by_side_on_cpu(ref_dir, tmp_path):
                out=str(tmp_path / "b.json"))
     timings = [r for r in rows if "ours" in r]
     assert [r["batch"] for r in timings] == [1, 2]
-    assert all(r["ours"]["ms_median"] > 0 and r["reference"]["ms_median"] > 0 and r["speedup"] > 0 for r in timings)
-    assert timings[0]["flops"]["uvit_forward"] > 0
-    assert json.loads((tmp_path / "b.json").read_text())["rows"]
+    for r in timings:
+        assert r["ours"]["ms_min"] <= r["ours"]["ms_median"] and r["ours"]["peak_gib"] is None  # no GPU memory
+        assert r["speedup"] == pytest.approx(r["reference"]["ms_median"] / r["ours"]["ms_median"])
+        assert r["side_px"] == 8 and "host_syncs" not in r  # the tiny model's 8x8 images; syncs are a GPU check
+    one, two = (r["flops"] for r in timings)
+    assert one["uvit_forward"] > 0 and two == {k: 2 * v for k, v in one.items()}  # every part is linear in batch
+    assert rows[-1] == {"model": str(ref_dir), "checks": {"plain_vs_graph_tokens_equal": None}}  # not run on CPU
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["meta"]["threads"] == torch.get_num_threads()
+    assert f"{str(ref_dir):<12}     2" in capsys.readouterr().out  # the table has the batch-2 row
 
 
 def test_cudnn_autotune_is_scoped():
@@ -143,25 +152,39 @@ def test_vq_group_norm_option_switches_both_ways(ref_dir):
         FastDecoder(pipe, compile=False, vq_group_norm="fast")
 
 
-def test_compile_option(ref_dir):
-    """`compile` picks what is compiled; an unknown value is refused with the allowed ones named. Compiling is
-    lazy (at the first call), so wrapping is all that happens here."""
-    from amused.fast import guided_step
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_compile_option_traces_and_keeps_the_tokens(ref_dir, monkeypatch, mode):
+    """Each `compile` mode sends the decode through `torch.compile` and gives the plain loop's tokens and images.
+    Inductor's kernels are a GPU matter (tests/test_gpu.py); here `torch.compile` gets dynamo's counting
+    backend, which runs the traced graphs as they are, so this checks what is traced, and that tracing changes
+    nothing. An unknown mode is refused with the allowed ones named."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
 
-    pipe = AmusedPipeline.from_pretrained(ref_dir)
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: real_compile(fn, backend=counter, dynamic=False))
+    torch._dynamo.reset()
+    plain = AmusedPipeline.from_pretrained(ref_dir)
     with pytest.raises(ValueError, match="'blocks', 'full'"):
-        FastDecoder(pipe, compile="turbo", vq_dtype=torch.float32)
-    fast = FastDecoder(pipe, compile="blocks", vq_dtype=torch.float32)
-    assert all(layer._compiled_call_impl is not None for layer in pipe.transformer.transformer_layers)
-    assert fast.step is guided_step
-    pipe = AmusedPipeline.from_pretrained(ref_dir)
-    fast = FastDecoder(pipe, compile="full", vq_dtype=torch.float32)
-    assert fast.step is not guided_step  # one compiled graph per step
-    assert pipe.text_encoder._compiled_call_impl is not None and pipe.vqvae.decoder._compiled_call_impl is not None
-    assert all(layer._compiled_call_impl is None for layer in pipe.transformer.transformer_layers)
-    assert FastDecoder(AmusedPipeline.from_pretrained(ref_dir), vq_dtype=torch.float32).step is not guided_step
-    fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=False, vq_dtype=torch.float32)
-    assert fast.step is guided_step
+        FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile="turbo", vq_dtype=torch.float32)
+    fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=mode, vq_dtype=torch.float32)
+    assert counter.frame_count == 0  # compiling is lazy: nothing is traced before the first call
+    try:
+        with torch.inference_mode():
+            embeds = plain.encode_prompt(["a cat"], None, 1, True)
+            micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(2, -1)
+            start = torch.full((1, 8, 8), 23)
+            expected = sampling.decode(plain.logits_fn(embeds, micro, 4.0), start, num_steps=3, mask_token_id=23,
+                                       draw="gumbel", generator=seeded(2))
+            fast.generator = seeded(2)
+            bufs = {"tokens": start.clone(), "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro}
+            tokens, images, _ = fast._program(bufs, 4.0, 0, 3, "cosine", (2, 0))
+            expected_images = plain.vqvae.decode(expected)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count > 0 and counter.op_count > 0
+    assert torch.equal(tokens, expected)
+    torch.testing.assert_close(images, expected_images, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_step_is_one_graph(ref_dir):

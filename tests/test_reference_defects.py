@@ -60,9 +60,11 @@ def test_3_inpainting_leaves_the_shared_scheduler_alone(ref_dir):
     assert torch.equal(before, after)
 
 
-def test_4_decided_tokens_are_never_remasked_in_fp16():
+@pytest.mark.parametrize("draw", ["reference", "gumbel"])
+def test_4_decided_tokens_are_never_remasked_in_fp16(draw):
     """Known tokens must keep their place whatever the noise; the reference's finfo.max confidence is only
-    log(65504) = 11.1 in fp16, below a confident new token plus temperature-scaled Gumbel noise."""
+    log(65504) = 11.1 in fp16, below a confident new token plus temperature-scaled Gumbel noise. Both of our
+    random streams ("reference": diffusers' draws, "gumbel": on-device) are checked."""
     from diffusers import AmusedScheduler
 
     g = torch.Generator().manual_seed(0)
@@ -82,12 +84,9 @@ def test_4_decided_tokens_are_never_remasked_in_fp16():
 
     for seed in range(20):
         out = unmask_step(logits, tokens, torch.full((B,), L), torch.tensor(0.7), torch.tensor(30.0), MASK_ID,
-                          last=False, draw="reference", generator=torch.Generator().manual_seed(seed)).tokens
+                          last=False, draw=draw, generator=torch.Generator().manual_seed(seed)).tokens
         assert torch.equal(out[known], tokens[known])
-        for draw in ("gumbel",):
-            out = unmask_step(logits, tokens, torch.full((B,), L), torch.tensor(0.7), torch.tensor(30.0), MASK_ID,
-                              last=False, draw=draw, generator=torch.Generator().manual_seed(seed)).tokens
-            assert torch.equal(out[known], tokens[known])
+        assert (out[~known] != MASK_ID).any()  # the step did unmask something: the check is not vacuous
 
 
 def _masked_counts(pipe, **kwargs):
@@ -115,7 +114,8 @@ def test_5_mask_counts_follow_each_samples_unknown_tokens(ref_pipes, ours):
 
 def test_6_one_negative_prompt_serves_a_batch(ref_pipes, ours):
     kwargs = dict(prompt=["a cat", "a dog", "a fish"], height=8, width=8, output_type="latent")
-    with pytest.raises(Exception):  # the defect: the two guidance halves do not line up
+    # the defect: 3 prompts but 1 negative embedding, so the guided batch has 4 pooled embeddings and 6 micro-conds
+    with pytest.raises(RuntimeError, match="Expected size 4 but got size 6"):
         ref_pipes["AmusedPipeline"](negative_prompt="blurry", generator=seeded(0), **kwargs)
     one = ours(negative_prompt="blurry", generator=seeded(0), **kwargs).images
     each = ours(negative_prompt=["blurry"] * 3, generator=seeded(0), **kwargs).images

@@ -394,14 +394,52 @@ def test_health_and_docs(pipe):
         assert {"minimum": 1, "maximum": 100}.items() <= steps["anyOf"][0].items()
 
 
-def test_serve_help_and_defaults(capsys):
+def served_app(monkeypatch, argv) -> tuple:
+    """Run `amused serve ARGV` up to the point where uvicorn would start; returns (app, host, port)."""
+    import uvicorn
+
+    from amused.server import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: started.append((app, host, port)))
+    monkeypatch.setenv("AMUSED_NUM_THREADS", "1")  # 2 shared cores: see docs/reliability.md, CPU threads
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # loading sets the CPU threads for the process
+    [started] = started
+    return started
+
+
+def test_serve_command_applies_its_flags(ref_dir, monkeypatch, capsys):
+    """The flags of `amused serve` reach the running app: queue size, work bound (422 above it), extra Host
+    name and web origin (403 for others), body limit (413), warm-up sizes and the port."""
+    app, host, port = served_app(monkeypatch, [
+        "--model", str(ref_dir), "--device", "cpu", "--port", "9002", "--max-queue", "3", "--max-batch", "2",
+        "--max-work", "1000", "--max-body-mb", "0.001", "--allowed-host", "box.lan",
+        "--allow-origin", "https://app.example"])
+    assert (host, port) == ("127.0.0.1", 9002)
+    assert f"{ref_dir} on cpu" in capsys.readouterr().out
+    with TestClient(app, base_url="http://box.lan:9002") as client:
+        deadline = time.monotonic() + 30
+        while (r := client.get("/health")).status_code == 503 and time.monotonic() < deadline:  # warming up
+            assert r.json()["state"] == "warming"
+            time.sleep(0.05)
+        health = r.json()
+        assert (health["state"], health["max_queue"], health["max_batch"], health["max_work"]) == ("ready", 3, 2, 1000)
+        assert health["warmed_batch_sizes"] == [1, 2]
+        r = client.post("/v1/generate", json={"prompt": "a", "num_images": 2, "num_inference_steps": 8})  # 1,024
+        assert r.status_code == 422 and "--max-work" in r.json()["message"]
+        assert client.get("/health", headers={"origin": "https://app.example"}).status_code == 200
+        assert client.get("/health", headers={"origin": "https://evil.example"}).status_code == 403
+        assert client.get("/health", headers={"host": "evil.example"}).status_code == 403
+        assert client.post("/v1/generate", json={"prompt": "a" * 1100}).status_code == 413
+    with pytest.raises(ValueError, match="max_batch"):
+        ServerSettings(max_batch=0)
     parser = argparse.ArgumentParser(prog="amused")
     add_command(parser.add_subparsers())
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
-    out = capsys.readouterr().out
-    assert "examples:" in out and "curl" in out and "--batch-window-ms" in out
-    args = parser.parse_args(["serve"])
-    assert args.host == "127.0.0.1" and args.max_queue == ServerSettings().max_queue
-    with pytest.raises(ValueError, match="max_batch"):
-        ServerSettings(max_batch=0)
+    help_text = capsys.readouterr().out
+    assert "examples:" in help_text and "--max-work" in help_text

@@ -132,14 +132,31 @@ def test_server_takes_no_model_or_file_names_from_requests(ref_dir):
         assert client.get("/static/..%2f..%2fetc%2fpasswd").status_code == 404
 
 
-def test_server_binds_to_loopback_and_limits_bodies_by_default(capsys):
-    import argparse
-
+def test_server_defaults_are_loopback_same_origin_and_bounded_bodies(ref_dir, monkeypatch):
+    """`amused serve` with no flags: it listens on loopback only, answers 403 to a Host that is not its own
+    (DNS rebinding) and to other web pages (a cross-origin Origin), and 413 to a body over 10 MiB; clients
+    that send no Origin (curl, scripts) or their own are served."""
     pytest.importorskip("fastapi")
-    from amused.server import ServerSettings, add_command
+    import uvicorn
+    from fastapi.testclient import TestClient
 
-    parser = argparse.ArgumentParser()
-    add_command(parser.add_subparsers())
-    args = parser.parse_args(["serve"])
-    assert args.host == "127.0.0.1"
-    assert 0 < ServerSettings().max_body_bytes <= 64 * 2**20
+    from amused.server import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: started.append((app, host, port)))
+    monkeypatch.setenv("AMUSED_NUM_THREADS", "1")  # 2 shared cores: see docs/reliability.md, CPU threads
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--model", str(ref_dir), "--device", "cpu", "--no-warmup"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # loading sets the CPU threads for the process
+    [(app, host, port)] = started
+    assert (host, port) == ("127.0.0.1", 8000)
+    with TestClient(app, base_url="http://localhost:8000") as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/health", headers={"host": "attacker.example"}).status_code == 403
+        assert client.get("/health", headers={"origin": "https://attacker.example"}).status_code == 403
+        assert client.get("/health", headers={"origin": "http://localhost:8000"}).status_code == 200
+        r = client.post("/v1/generate", content=b"{" + b" " * (10 * 2**20) + b"}",
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "body_too_large"

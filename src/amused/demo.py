@@ -8,7 +8,7 @@ confident the model was of each token it kept (masked image modeling's interpret
 The module reads top to bottom: plain handler functions of (pipeline, form values) that return images and
 frames (unit-tested without a browser), then `build_demo(pipe)` wiring them into a `gr.Blocks`, then `launch`
 and the CLI command. Gradio is imported inside functions, so `amused --help` stays fast and gradio stays an
-optional dependency (`pip install 'amused[demo]'`). Pipeline errors (ValueError naming the argument) become
+optional dependency (`pip install 'amused-mim[demo]'`). Pipeline errors (ValueError naming the argument) become
 `gr.Error`, which the page shows as a message instead of failing the request.
 """
 
@@ -558,7 +558,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
-        print("amused demo: error: the demo needs gradio: pip install 'amused[demo]'", file=sys.stderr)
+        print("amused demo: error: the demo needs gradio: pip install 'amused-mim[demo]'", file=sys.stderr)
         return 2
     from .runtime import engine_from_args
 
