@@ -1,5 +1,12 @@
 """amused: aMUSEd masked-token text-to-image generation (arXiv 2401.01808) in plain PyTorch."""
 
+import os
+
+# OpenMP threads sleep at barriers instead of spinning (read once, when torch loads its OpenMP runtime): spinning
+# threads made a CPU call 7-9x slower on two cores that another job shared (docs/reliability.md, CPU threads).
+# A value the user set wins; without effect if torch was imported before amused.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .images import load_image, make_image_grid
 from .components import SchedulerConfig
 from .embedded import embedded_model_path
