@@ -1,8 +1,16 @@
+import os
 import warnings
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads OpenMP: threads sleep at barriers, and one thread a process (the tiny test models gain nothing
+# from more; several processes on two cores spin against each other otherwise: docs/reliability.md, CPU threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("AMUSED_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["AMUSED_NUM_THREADS"]))
 
 from tiny import load_reference, save_reference_checkpoint
 

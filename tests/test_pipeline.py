@@ -150,7 +150,7 @@ def test_image_task_errors(ours):
         img2img("a", image=image, strength=0.0)
     with pytest.raises(ValueError, match="runs no step"):
         img2img("a", image=image, strength=0.05)
-    with pytest.raises(ValueError, match="image size 15x16"):
+    with pytest.raises(ValueError, match="image 15x16 \(width x height\): each side must be a positive multiple of 4"):
         img2img("a", image=PIL.Image.new("RGB", (15, 16)))
     assert img2img("a", image=PIL.Image.new("RGB", (15, 17)), height=16, width=16, output_type="np").images.shape \
         == (1, 16, 16, 3)  # resizing on request

@@ -153,8 +153,7 @@ def config_to_dict(config, class_name: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def _skip_init():
     """Build modules without initialising their weights (the checkpoint overwrites them): torch.nn.init's
-    functions become no-ops for the duration. On the meta device they cost nothing but the Python calls, which
-    took over a second for amused-512."""
+    functions become no-ops for the duration (initialising amused-512 took seconds)."""
     names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
     saved = {n: getattr(torch.nn.init, n) for n in names}
     for n in names:
@@ -173,8 +172,8 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
     config = config_from_dict(config_cls, read_json(folder / "config.json"), folder / "config.json")
     path = weights_file(folder, variant=variant, allow_pickle=allow_pickle)
     state = load_state_dict(path, device)
-    with _skip_init(), torch.device("meta"):
-        model = model_cls(config)
+    with _skip_init():  # uninitialised CPU tensors cost nothing until the checkpoint's replace them (the meta
+        model = model_cls(config)  # device context would import torch._dynamo: seconds of start-up)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
