@@ -1,11 +1,12 @@
-"""Tiny training fixtures: a pipeline folder built with our own classes, and small captioned image folders."""
+"""Tiny training fixtures: a pipeline folder built with our own classes, small captioned image folders, killing
+runs, and launching several CPU processes through accelerate."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,19 +59,103 @@ def make_image_folder(folder: Path, n: int = 4, size: int = 12, seed: int = 0, r
     return folder
 
 
-def kill_after_checkpoint(cmd: list[str], checkpoint: Path, pause: float, at_checkpoint=None) -> int:
+def kill_after_checkpoint(cmd: list[str], checkpoint: Path, pause: float, at_checkpoint=None,
+                          env: dict | None = None) -> int:
     """Run `cmd`, wait (at most 120 s) for the `checkpoint` folder, call `at_checkpoint()`, let it run `pause`
-    seconds more, SIGKILL it; returns the exit status (-SIGKILL)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not checkpoint.is_dir():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before the checkpoint"
-            time.sleep(0.02)
-        if at_checkpoint is not None:
-            at_checkpoint()
-        time.sleep(pause)  # somewhere past the checkpoint
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    seconds more, SIGKILL it and every process it started; returns the exit status (-SIGKILL)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            deadline = time.time() + 120
+            while not checkpoint.is_dir():
+                if proc.poll() is not None or time.time() > deadline:
+                    err.seek(0)
+                    raise AssertionError(f"the run ended before {checkpoint.name}: {err.read()[-3000:].decode()}")
+                time.sleep(0.02)
+            if at_checkpoint is not None:
+                at_checkpoint()
+            time.sleep(pause)  # somewhere past the checkpoint
+            kill_tree(proc.pid)
+        finally:
+            proc.wait()
     return proc.returncode
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a crashed machine would stop them (torchrun starts
+    its workers in sessions of their own: a kill of the launcher alone would leave them training)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    descendants = root.children(recursive=True)
+    for p in [*descendants, root]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=30)  # not the root: its parent reaps it and reads its exit status
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launching several CPU processes through accelerate
+# ----------------------------------------------------------------------------------------------------------
+
+
+def accelerate_config(folder: Path, fsdp: bool, processes: int = 2) -> Path:
+    """An `accelerate launch --config_file` for `processes` CPU processes on this machine.
+
+    DDP: distributed_type MULTI_GPU, which makes accelerate start the processes with torchrun; the launching
+    environment's ACCELERATE_USE_CPU=1 then makes each one a gloo (MULTI_CPU) process. (`use_cpu: true` would
+    start a single process: accelerate expects mpirun for several CPU processes.) FSDP: distributed_type FSDP,
+    FSDP2, no wrapping policy, sharded checkpoints; `sync_module_states` off (on, accelerate asks for a GPU).
+    """
+    lines = ["compute_environment: LOCAL_MACHINE", f"distributed_type: {'FSDP' if fsdp else 'MULTI_GPU'}",
+             f"num_processes: {processes}", "num_machines: 1", "machine_rank: 0", "mixed_precision: 'no'",
+             "use_cpu: false", "rdzv_backend: static", "main_process_port: 0"]
+    if fsdp:
+        lines += ["fsdp_config:", "  fsdp_version: 2", "  fsdp_auto_wrap_policy: NO_WRAP",
+                  "  fsdp_state_dict_type: SHARDED_STATE_DICT", "  fsdp_reshard_after_forward: true",
+                  "  fsdp_offload_params: false", "  fsdp_sync_module_states: false",
+                  "  fsdp_cpu_ram_efficient_loading: false"]
+    path = folder / ("fsdp.yaml" if fsdp else "ddp.yaml")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP in CPU (gloo) processes, for tests.
+
+    accelerate 1.15 makes `DistributedType.FSDP` out of its FSDP configuration only on GPU-like backends
+    (`AcceleratorState.__init__` lists MULTI_GPU, MULTI_XPU, ...; not MULTI_CPU): a CPU process stays MULTI_CPU
+    and would train unsharded (amused refuses that). PyTorch's FSDP2 (`fully_shard`) itself runs on gloo, so this
+    switches the state to FSDP right after `Accelerator.__init__`, with the plugin accelerate built from the
+    launcher's FSDP_* variables; everything after that (prepare, clipping, sharded checkpoints, the full state
+    dict) is accelerate's and torch's own FSDP code.
+    """
+    import accelerate
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = accelerate.Accelerator.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_STATE_DICT_TYPE, ...
+            for state in (PartialState(), AcceleratorState()):
+                state.distributed_type = DistributedType.FSDP
+            AcceleratorState().fsdp_plugin = plugin
+
+    accelerate.Accelerator.__init__ = patched
+
+
+if __name__ == "__main__":  # `accelerate launch tests/train_tiny.py --fsdp_on_cpu finetune ...`
+    import sys
+
+    argv = sys.argv[1:]
+    if argv[:1] == ["--fsdp_on_cpu"]:
+        fsdp_on_cpu()
+        argv = argv[1:]
+    from amused.training.cli import main
+
+    main(argv)

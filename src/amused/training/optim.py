@@ -80,7 +80,8 @@ class FusedStepOptimizer(torch.optim.Optimizer):
                 target = torch.nn.Parameter(torch.empty(0, device=p.device))
             self.optimizers.append(make_optimizer([target]))
         self._collect_groups()
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):  # the hooks live as long as the parameters
+            p.register_post_accumulate_grad_hook(self._hook(i))
 
     def _collect_groups(self) -> None:
         self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
@@ -123,10 +124,6 @@ class FusedStepOptimizer(torch.optim.Optimizer):
         for opt, state in zip(self.optimizers, states):
             opt.load_state_dict(state)
         self._collect_groups()  # loading replaced the group dicts
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
