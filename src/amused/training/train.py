@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .data import EpochSampler, PreencodedDataset, make_dataset
 from .ema import EMA
 from .masking import drop_text, mask_tokens, masked_loss
-from .optim import FusedStepOptimizer, adamw_factory, make_lr_scheduler
+from .optim import FusedStepOptimizer, adamw_factory, make_lr_scheduler, set_learning_rate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,8 +108,10 @@ def build_components(args, mode: str) -> Components:
     tokenizer, text_encoder = load_text(root, text_path)
     cfg = transformer_config(args.transformer_config, vqvae.config, TextEncoder(text_encoder, tokenizer),
                              args.resolution)
-    torch.manual_seed(args.seed or 0)
-    return Components(UViT(cfg), vqvae, tokenizer, text_encoder)
+    with torch.random.fork_rng(devices=[]):  # the same init on every process, and set_seed's per-process RNG
+        torch.manual_seed(args.seed or 0)   # (different masks on each) left as it was
+        transformer = UViT(cfg)
+    return Components(transformer, vqvae, tokenizer, text_encoder)
 
 
 def check_args(args, accelerator) -> None:
@@ -266,7 +268,8 @@ def run(args, mode: str) -> Path:
                                            *([ema] if ema else []))
     state, changes = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main, recorded)
     if changes.optimizer:
-        apply_optimizer_args(optimizer, scheduler, args)
+        set_learning_rate(optimizer, scheduler, args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         accelerator.print(f"note: applied {', '.join('--' + n for n in changes.optimizer)} to the resumed optimizer "
                           f"(the checkpoint's values would otherwise be restored)")
     if main:
@@ -409,17 +412,6 @@ def debug_log_batch(out: Path, rank: int, step: int, batch: dict) -> None:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / f"batches_rank{rank}.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "captions": list(batch["caption"])}) + "\n")
-
-
-def apply_optimizer_args(optimizer, scheduler, args) -> None:
-    """Put this run's learning rate, betas, weight decay and epsilon into a resumed optimizer and LR schedule
-    (loading a checkpoint restores the saved ones; the moments and the schedule's position are kept)."""
-    scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
-    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):  # LambdaLR: one function per group
-        group.update(initial_lr=args.learning_rate, lr=args.learning_rate * fn(scheduler.last_epoch),
-                     betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                     eps=args.adam_epsilon)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 @torch.no_grad()
