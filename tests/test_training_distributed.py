@@ -2,6 +2,7 @@
 
 - DDP: `amused finetune` on 2 processes checkpoints, is SIGKILLed (launcher and workers), resumes, and ends with
   the weights of an uninterrupted 2-process run, bit for bit.
+- `amused train` (a U-ViT from scratch, with EMA) runs on 2 processes and saves one loadable pipeline.
 - FSDP (FSDP2, sharded checkpoints): the same run under FSDP logs the gradient norms of the DDP run and ends
   with its weights (to float rounding: FSDP reduce-scatters where DDP all-reduces), which it can only do if
   `--max_grad_norm` clips with the global norm over the shards; it resumes from its sharded checkpoint to its
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 
 from amused.pipeline import AmusedPipeline
 from amused.training import checkpoint as ckpt
-from train_tiny import accelerate_config, kill_after_checkpoint, make_image_folder, make_pipeline
+from train_tiny import TRAIN_UVIT, accelerate_config, kill_after_checkpoint, make_image_folder, make_pipeline
 
 TESTS = Path(__file__).parent
 FLAGS = ["--resolution", "8", "--train_batch_size", "1", "--learning_rate", "3e-3", "--logging_steps", "1",
@@ -43,11 +44,11 @@ def setup(tmp_path_factory):
                            ddp=accelerate_config(root, fsdp=False), fsdp=accelerate_config(root, fsdp=True))
 
 
-def launch(setup, out: Path, fsdp: bool, *extra: str) -> list[str]:
+def launch(setup, out: Path, fsdp: bool, *extra: str, command: str = "finetune") -> list[str]:
     """`accelerate launch` of `amused finetune` on 2 CPU processes; FSDP through tests/train_tiny.py's shim."""
     entry = [str(TESTS / "train_tiny.py"), "--fsdp_on_cpu"] if fsdp else ["-m", "amused.training.cli"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(setup.fsdp if fsdp else setup.ddp),
-            *entry, "finetune", "--pretrained_model_name_or_path", str(setup.pipe), "--train_data_dir",
+            *entry, command, "--pretrained_model_name_or_path", str(setup.pipe), "--train_data_dir",
             str(setup.images), "--output_dir", str(out), *FLAGS, *extra]
 
 
@@ -91,6 +92,18 @@ def test_ddp_run_killed_and_resumed_ends_with_the_uninterrupted_weights(setup, d
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
     assert strip(read_log(out)) == strip(read_log(ddp_run))
     AmusedPipeline.from_pretrained(out)
+
+
+def test_train_from_scratch_on_two_processes_saves_one_pipeline(setup):
+    config = setup.root / "uvit.json"
+    config.write_text(json.dumps(TRAIN_UVIT))
+    out = setup.root / "train"
+    run(launch(setup, out, False, "--transformer_config", str(config), "--use_ema", "--max_train_steps", "2",
+               "--checkpointing_steps", "0", "--default_guidance_scale", "4", command="train"))
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    pipe = AmusedPipeline.from_pretrained(out)
+    assert pipe.generation_defaults == {"guidance_scale": 4.0}
+    assert pipe("a", num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
 
 
 def test_fsdp_clips_with_the_global_norm_like_ddp_and_resumes_from_sharded_checkpoints(setup, ddp_run):
