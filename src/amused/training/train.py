@@ -40,6 +40,9 @@ from .masking import drop_text, mask_tokens, masked_loss
 from .optim import FusedStepOptimizer, adamw_factory, make_lr_scheduler, set_learning_rate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --default_* flag -> the generation_config.json key it sets in the saved pipeline
+GENERATION_FLAGS = {"default_num_inference_steps": "num_inference_steps", "default_guidance_scale": "guidance_scale",
+                    "default_temperature": "temperature"}
 
 
 @dataclasses.dataclass
@@ -129,6 +132,8 @@ def check_args(args, accelerator) -> None:
     if defaults and args.use_lora:
         raise ValueError(f"{', '.join(defaults)} set the saved pipeline's generation_config.json; --use_lora saves "
                          f"only adapters. Drop them (generation uses the base model's settings)")
+    if len(getattr(args, "default_temperature", None) or []) > 2:
+        raise ValueError(f"--default_temperature takes START [END], got {len(args.default_temperature)} values")
 
     if args.fused_optimizer_step:
         if accelerator.num_processes > 1:
@@ -488,9 +493,6 @@ def save_final(args, accelerator, comps: Components, model, text_model, ema: EMA
         pipe.save_pretrained(out)
         accelerator.print(f"pipeline saved to {out} (load it with AmusedPipeline.from_pretrained)")
 
-
-GENERATION_FLAGS = {"default_num_inference_steps": "num_inference_steps", "default_guidance_scale": "guidance_scale",
-                    "default_temperature": "temperature"}
 
 
 def generation_defaults(args, root: Path | None) -> dict:
