@@ -256,8 +256,9 @@ def test_every_training_command_takes_embedded_as_the_model():
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
     for command in ("finetune", "train", "train-vqgan", "preencode"):
-        argv = [command, "--pretrained_model_name_or_path", "embedded", "--output_dir", "x"]
-        argv += ["--max_train_steps", "1"] if command != "preencode" else []
-        assert parser.parse_args(argv).pretrained_model_name_or_path == str(embedded_model_path()), command
+        for flag in ("--pretrained_model_name_or_path", "--model"):  # --model as `amused generate` names it
+            argv = [command, flag, "embedded", "--output_dir", "x"]
+            argv += ["--max_train_steps", "1"] if command != "preencode" else []
+            assert parser.parse_args(argv).pretrained_model_name_or_path == str(embedded_model_path()), command
     assert parser.parse_args(["finetune", "--pretrained_model_name_or_path", "amused/amused-256", "--output_dir",
                               "x", "--max_train_steps", "1"]).pretrained_model_name_or_path == "amused/amused-256"

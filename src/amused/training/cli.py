@@ -81,7 +81,7 @@ def _run(p: argparse.ArgumentParser, checkpointing_steps: int = 500) -> None:
 
 def _uvit_args(p: argparse.ArgumentParser, finetune: bool) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=finetune, type=model_name,
+    g.add_argument("--pretrained_model_name_or_path", "--model", required=finetune, type=model_name, metavar="MODEL",
                    help="pipeline folder, hub id, or 'embedded' (the shipped model)" + (
                        "" if finetune else ", supplying vqvae/, text_encoder/, tokenizer/"))
     g.add_argument("--variant", help="weight variant, e.g. fp16")
@@ -211,7 +211,7 @@ def add_commands(subparsers) -> None:
                               formatter_class=FORMAT)
     g = p.add_argument_group("model")
     g.add_argument("--vqgan_config", default="amused", help="'amused' (the published config) or a config.json")
-    g.add_argument("--pretrained_model_name_or_path", type=model_name,
+    g.add_argument("--pretrained_model_name_or_path", "--model", type=model_name, metavar="MODEL",
                    help="continue from a vqvae folder, a pipeline folder, or 'embedded' (the shipped model's VQGAN)")
     g = p.add_argument_group("losses")
     g.add_argument("--rec_loss", choices=["l1", "l2"], default="l1")
@@ -237,7 +237,7 @@ def add_commands(subparsers) -> None:
                                           "safetensors shards that `train --preencoded_data_dir` reads",
                               formatter_class=FORMAT)
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", type=model_name,
+    g.add_argument("--pretrained_model_name_or_path", "--model", type=model_name, metavar="MODEL",
                    help="pipeline folder, hub id, or 'embedded' (the shipped model)")
     g.add_argument("--vqvae_path", help="VQGAN folder overriding the pipeline's")
     g.add_argument("--text_encoder_path", help="transformers text-model folder overriding the pipeline's")
