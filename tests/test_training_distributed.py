@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
 
 
 def launch(setup, out: Path, fsdp: bool, *extra: str, command: str = "finetune") -> list[str]:
-    """`accelerate launch` of `amused finetune` on 2 CPU processes; FSDP through tests/train_tiny.py's shim."""
+    """`accelerate launch` of `amused finetune` (or `command`) on 2 CPU processes; FSDP through train_tiny's shim."""
     entry = [str(TESTS / "train_tiny.py"), "--fsdp_on_cpu"] if fsdp else ["-m", "amused.training.cli"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(setup.fsdp if fsdp else setup.ddp),
             *entry, command, "--pretrained_model_name_or_path", str(setup.pipe), "--train_data_dir",
