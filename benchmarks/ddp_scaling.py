@@ -6,7 +6,9 @@ Published amused-512 architecture, random weights, random pre-encoded 512 px sam
 (`benchmarks/train_memory.py --make_synthetic`), full fine-tuning in bf16 mixed precision with gradient
 checkpointing, launched with `accelerate launch --num_processes N -m amused.cli finetune ...` exactly as a
 user would. images/s is what the trainer logs (global images over wall time between logs); the first logging
-window (compilation of cuDNN/cuBLAS plans, allocator warm-up) is left out. Prints a table and writes JSON.
+window (compilation of cuDNN/cuBLAS plans, allocator warm-up) is left out. Peak GiB is the trainer's
+`max_memory_allocated_gib` at the last log (peak `torch.cuda.max_memory_allocated` of the run, the largest over
+processes). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def finetune_command(n: int, syn: Path, out: Path, args) -> list[str]:
         cmd += ["--cpu"]
     cmd += ["-m", "amused.cli", "finetune", "--pretrained_model_name_or_path", str(syn / "pipe"),
             "--preencoded_data_dir", str(syn / "enc"), "--train_batch_size", str(args.batch),
-            "--gradient_checkpointing", "--mixed_precision", "bf16", "--resolution", str(32 if args.tiny else 512), "--max_train_steps", str(args.steps),
+            "--gradient_checkpointing", "--mixed_precision", "bf16", "--resolution", str(32 if args.tiny else 512),
+            "--max_train_steps", str(args.steps),
             "--logging_steps", str(args.log_every), "--checkpointing_steps", "0", "--dataloader_num_workers", "2",
             "--output_dir", str(out)]
     if args.use_8bit_adam:
@@ -68,17 +71,20 @@ def main() -> None:
         logs = [json.loads(line) for line in log.read_text().splitlines()]
         timed = logs[1:] or logs
         ips = sum(r["images_per_s"] for r in timed) / len(timed)
-        rows.append({"gpus": n, "per_gpu_batch": args.batch, "images_per_s": ips, "windows": logs})
+        peak = logs[-1].get("max_memory_allocated_gib")  # None on the CPU
+        rows.append({"gpus": n, "per_gpu_batch": args.batch, "images_per_s": ips, "peak_gib": peak, "windows": logs})
         print(f"{n} GPU(s): {ips:.2f} images/s", flush=True)
     base = next((r["images_per_s"] for r in rows if r.get("gpus") == 1 and "images_per_s" in r), None)
-    print(f"\n{'GPUs':>4} {'batch/GPU':>9} {'images/s':>9} {'speed-up':>9} {'efficiency':>10}")
+    print(f"\n{'GPUs':>4} {'batch/GPU':>9} {'images/s':>9} {'speed-up':>9} {'efficiency':>10} {'peak GiB':>9}")
     for r in rows:
         if "images_per_s" not in r:
             print(f"{r['gpus']:>4} failed")
             continue
         up = r["images_per_s"] / base if base else float("nan")
         r["speedup"], r["efficiency"] = up, up / r["gpus"]
-        print(f"{r['gpus']:>4} {r['per_gpu_batch']:>9} {r['images_per_s']:>9.2f} {up:>9.2f} {up / r['gpus']:>10.0%}")
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        print(f"{r['gpus']:>4} {r['per_gpu_batch']:>9} {r['images_per_s']:>9.2f} {up:>9.2f} {up / r['gpus']:>10.0%} "
+              f"{peak:>9}")
     import torch
 
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -14,7 +14,7 @@ import torch
 from amused.training.data import (EpochSampler, ImageFolder, PreencodedDataset, Records, TrainDataset, make_dataset,
                                   preprocess)
 from amused.training.shards import TarShardStream, expand_shards
-from train_tiny import make_image_folder, make_pipeline
+from train_tiny import make_image_folder, make_pipeline, one_torch_thread  # noqa: F401
 
 
 def test_preprocess_micro_conds_use_real_size_and_crop():

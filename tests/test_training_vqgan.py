@@ -11,7 +11,7 @@ from amused.models.vqgan import VQGAN, VQGANConfig
 from amused.training.cli import main
 from amused.training.vqgan_train import PatchDiscriminator, restart_dead_codes, usage
 from tiny import VQ_KWARGS
-from train_tiny import make_image_folder
+from train_tiny import make_image_folder, one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,12 @@ def test_vqgan_training_reduces_reconstruction_loss_and_reports_psnr_and_usage(d
     assert {"psnr", "perplexity", "codes_used", "eval_codes_used"} <= set(metrics)
     vq = load_model(VQGAN, VQGANConfig, out / "vqvae")  # the published vqvae/ layout
     assert vq.encode(torch.rand(1, 3, 16, 16)).shape == (1, 8, 8)
+
+    main(["train-vqgan", "--vqgan_config", str(config), "--train_data_dir", str(images), "--resolution", "16",
+          "--train_batch_size", "4", "--max_train_steps", "62", "--learning_rate", "1e-3", "--logging_steps", "1",
+          "--eval_steps", "30", "--restart_dead_codes_every", "10", "--disc_weight", "0.1", "--disc_start_step",
+          "40", "--checkpointing_steps", "30", "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert [(r["step"], r["lr"]) for r in read(out / "logs" / "train_log.jsonl")[-2:]] == [(61, 1e-3), (62, 1e-3)]
 
 
 def test_dead_codes_restart_onto_encoder_outputs():

@@ -12,6 +12,16 @@ import argparse
 FORMAT = argparse.RawDescriptionHelpFormatter
 
 
+def model_name(value: str) -> str:
+    """--pretrained_model_name_or_path: "embedded" names the model shipped in the package (its folder)."""
+    from ..embedded import resolve_model_name
+
+    try:
+        return resolve_model_name(value)
+    except FileNotFoundError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _data(p: argparse.ArgumentParser, preencoded: bool = True, resolution: int = 256) -> None:
     g = p.add_argument_group("data (give exactly one source)")
     g.add_argument("--train_data_dir", "--instance_data_dir", dest="train_data_dir",
@@ -66,13 +76,14 @@ def _run(p: argparse.ArgumentParser, checkpointing_steps: int = 500) -> None:
     g.add_argument("--report_to", choices=["none", "tensorboard"], default="none",
                    help="metrics always go to <output_dir>/logs/*.jsonl; tensorboard needs the package")
     g.add_argument("--debug_sleep_per_step", type=float, default=0.0, help=argparse.SUPPRESS)
+    g.add_argument("--debug_log_batches", action="store_true", help=argparse.SUPPRESS)  # captions of every batch
 
 
 def _uvit_args(p: argparse.ArgumentParser, finetune: bool) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=finetune,
-                   help="pipeline folder or hub id" + ("" if finetune else " supplying vqvae/, text_encoder/, "
-                                                                         "tokenizer/"))
+    g.add_argument("--pretrained_model_name_or_path", "--model", required=finetune, type=model_name, metavar="MODEL",
+                   help="pipeline folder, hub id, or 'embedded' (the shipped model)" + (
+                       "" if finetune else ", supplying vqvae/, text_encoder/, tokenizer/"))
     g.add_argument("--variant", help="weight variant, e.g. fp16")
     if not finetune:
         from ..presets import UVIT_PRESETS
@@ -120,6 +131,13 @@ def _uvit_args(p: argparse.ArgumentParser, finetune: bool) -> None:
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompts", nargs="*", default=None)
     g.add_argument("--validation_steps", type=int, default=500)
+    g = p.add_argument_group("generation defaults",
+                             "the saved pipeline's generation_config.json is the base pipeline's (the settings it was "
+                             "tuned with), these flags override single values")
+    g.add_argument("--default_guidance_scale", type=float, help="classifier-free guidance scale")
+    g.add_argument("--default_temperature", type=float, nargs="+", metavar="T",
+                   help="START [END] of the sampling temperature ramp (one value: constant)")
+    g.add_argument("--default_num_inference_steps", type=int, help="decoding steps")
 
 
 TRAIN_EXAMPLE = """example:
@@ -148,7 +166,8 @@ PREENCODE_EXAMPLE = """example:
 
 
 def _import(module: str):
-    """The training module, or an error naming the extra to install (peft, accelerate)."""
+    """The training module, or an error naming the missing package (accelerate and peft are dependencies of
+    amused; a broken install can still lack them)."""
     import importlib
 
     try:
@@ -156,8 +175,7 @@ def _import(module: str):
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("amused"):
             raise
-        raise SystemExit(f"amused training needs the {e.name!r} package: pip install 'amused[train]' "
-                         f"(peft, accelerate)") from e
+        raise SystemExit(f"amused training needs the {e.name!r} package: pip install {e.name}") from e
 
 
 def train_command(args) -> None:
@@ -193,7 +211,8 @@ def add_commands(subparsers) -> None:
                               formatter_class=FORMAT)
     g = p.add_argument_group("model")
     g.add_argument("--vqgan_config", default="amused", help="'amused' (the published config) or a config.json")
-    g.add_argument("--pretrained_model_name_or_path", help="continue from a vqvae folder or a pipeline folder")
+    g.add_argument("--pretrained_model_name_or_path", "--model", type=model_name, metavar="MODEL",
+                   help="continue from a vqvae folder, a pipeline folder, or 'embedded' (the shipped model's VQGAN)")
     g = p.add_argument_group("losses")
     g.add_argument("--rec_loss", choices=["l1", "l2"], default="l1")
     g.add_argument("--codebook_weight", type=float, default=1.0)
@@ -218,7 +237,8 @@ def add_commands(subparsers) -> None:
                                           "safetensors shards that `train --preencoded_data_dir` reads",
                               formatter_class=FORMAT)
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="pipeline folder or hub id")
+    g.add_argument("--pretrained_model_name_or_path", "--model", type=model_name, metavar="MODEL",
+                   help="pipeline folder, hub id, or 'embedded' (the shipped model)")
     g.add_argument("--vqvae_path", help="VQGAN folder overriding the pipeline's")
     g.add_argument("--text_encoder_path", help="transformers text-model folder overriding the pipeline's")
     _data(p, preencoded=False)

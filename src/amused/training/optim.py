@@ -10,7 +10,7 @@
   (1/256 relative) rounds away, so norm gains near 1.0 never move at lr 1e-4. The fused step can apply the
   update to a float32 copy of one parameter at a time and round back stochastically (unbiased in expectation;
   cf. Zamirai et al., 2020), at no persistent memory cost.
-- Warmup then constant / cosine / linear decay, as a `LambdaLR`.
+- Warmup then constant / cosine / linear decay, as a `LambdaLR` (`set_learning_rate` re-bases it on resume).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class FusedStepOptimizer(torch.optim.Optimizer):
                 target = torch.nn.Parameter(torch.empty(0, device=p.device))
             self.optimizers.append(make_optimizer([target]))
         self._collect_groups()
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):  # the hooks live as long as the parameters
+            p.register_post_accumulate_grad_hook(self._hook(i))
 
     def _collect_groups(self) -> None:
         self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
@@ -124,10 +125,6 @@ class FusedStepOptimizer(torch.optim.Optimizer):
             opt.load_state_dict(state)
         self._collect_groups()  # loading replaced the group dicts
 
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
 
 def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base LR at each step: linear warmup, then constant / cosine / linear to 0."""
@@ -148,3 +145,14 @@ def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int],
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int,
                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float,
+                      **group_settings) -> None:
+    """Give a resumed optimizer a new base learning rate (and other param-group settings: betas, weight_decay,
+    eps), which loading a checkpoint would otherwise restore to the saved values. The schedule keeps its
+    position and the optimizer its moments."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):  # LambdaLR: one function per group
+        group.update(initial_lr=lr, lr=lr * fn(scheduler.last_epoch), **group_settings)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

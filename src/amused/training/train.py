@@ -7,9 +7,12 @@ cosine-scheduled fraction of tokens masked; cross-entropy with label smoothing o
 (masking.py). Gradient accumulation, clipping, EMA, warmup + decay, mixed precision and DDP/FSDP come from
 accelerate (`accelerate launch -m amused.cli train ...`); the memory options are `--weights_dtype bf16`,
 `--use_8bit_adam`, `--gradient_checkpointing` and `--fused_optimizer_step` (optim.py). Checkpoints are atomic
-and resumable (checkpoint.py); the result is saved in the published layout (`AmusedPipeline.save_pretrained`,
-EMA weights when EMA is on, the trained text encoder in place of the one it started from) or, for LoRA, as
-`pytorch_lora_weights.safetensors`.
+and resumable, with the run's arguments checked on resume (checkpoint.py); the result is saved in the published
+layout (`AmusedPipeline.save_pretrained`, EMA weights when EMA is on, the trained text encoder in place of the
+one it started from, the base model's generation_config.json) or, for LoRA, as `pytorch_lora_weights.safetensors`.
+Each log line of logs/train_log.jsonl holds loss, masked-token accuracy, LR, images/s since the previous line,
+the gradient norm before clipping (with `--max_grad_norm`) and the peak `torch.cuda.max_memory_allocated` so far
+(largest over processes; null on the CPU).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,7 +28,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .. import lora
 from ..loading import config_from_dict, load_model, read_json, resolve
 from ..models.text_encoder import TextEncoder, text_model_class
 from ..models.uvit import UViT, UViTConfig
@@ -34,9 +37,12 @@ from . import checkpoint as ckpt
 from .data import EpochSampler, PreencodedDataset, make_dataset
 from .ema import EMA
 from .masking import drop_text, mask_tokens, masked_loss
-from .optim import FusedStepOptimizer, adamw_factory, make_lr_scheduler
+from .optim import FusedStepOptimizer, adamw_factory, make_lr_scheduler, set_learning_rate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --default_* flag -> the generation_config.json key it sets in the saved pipeline
+GENERATION_FLAGS = {"default_num_inference_steps": "num_inference_steps", "default_guidance_scale": "guidance_scale",
+                    "default_temperature": "temperature"}
 
 
 @dataclasses.dataclass
@@ -105,12 +111,29 @@ def build_components(args, mode: str) -> Components:
     tokenizer, text_encoder = load_text(root, text_path)
     cfg = transformer_config(args.transformer_config, vqvae.config, TextEncoder(text_encoder, tokenizer),
                              args.resolution)
-    torch.manual_seed(args.seed or 0)
-    return Components(UViT(cfg), vqvae, tokenizer, text_encoder)
+    with torch.random.fork_rng(devices=[]):  # the same init on every process, and set_seed's per-process RNG
+        torch.manual_seed(args.seed or 0)   # (different masks on each) left as it was
+        transformer = UViT(cfg)
+    return Components(transformer, vqvae, tokenizer, text_encoder)
 
 
 def check_args(args, accelerator) -> None:
     from accelerate.utils import DistributedType
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and not fsdp:
+        raise ValueError(f"accelerate was configured for FSDP but runs {accelerator.distributed_type.value} "
+                         f"(accelerate turns FSDP on for GPU-like devices only, not for CPU processes): refusing to "
+                         f"train unsharded. Use a DDP config (distributed_type: MULTI_GPU) for CPU runs")
+    if fsdp and (args.text_encoder_use_lora or args.train_text_encoder):
+        raise ValueError("--train_text_encoder / --text_encoder_use_lora are not supported with FSDP (the text "
+                         "encoder would be sharded apart from the U-ViT and its optimizer); use DDP")
+    defaults = [f"--{name}" for name in GENERATION_FLAGS if getattr(args, name, None) is not None]
+    if defaults and args.use_lora:
+        raise ValueError(f"{', '.join(defaults)} set the saved pipeline's generation_config.json; --use_lora saves "
+                         f"only adapters. Drop them (generation uses the base model's settings)")
+    if len(getattr(args, "default_temperature", None) or []) > 2:
+        raise ValueError(f"--default_temperature takes START [END], got {len(args.default_temperature)} values")
 
     if args.fused_optimizer_step:
         if accelerator.num_processes > 1:
@@ -123,7 +146,7 @@ def check_args(args, accelerator) -> None:
             raise ValueError("--fused_optimizer_step cannot unscale fp16 gradients; use --mixed_precision bf16")
     if args.weights_dtype != "fp32" and args.mixed_precision == "fp16":
         raise ValueError("--weights_dtype bf16 trains in bf16 already; drop --mixed_precision fp16")
-    if args.use_ema and accelerator.distributed_type == DistributedType.FSDP:
+    if args.use_ema and fsdp:
         raise ValueError("--use_ema is not supported with FSDP (the averaged weights would be sharded)")
     for flag in ("text_encoder_use_lora", "train_text_encoder"):
         if args.preencoded_data_dir and getattr(args, flag):
@@ -167,6 +190,10 @@ def run(args, mode: str) -> Path:
                               project_dir=str(out))
     check_args(args, accelerator)
     ckpt.check_world(accelerator)
+    recorded = ckpt.args_to_record(args)
+    candidates = ckpt.resume_candidates(out, args.resume_from_checkpoint)
+    if candidates:  # a changed LoRA/EMA/... flag fails here, before the model is built, not in accelerate
+        ckpt.compare_run_args(candidates[0], recorded)
     device, main = accelerator.device, accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +203,8 @@ def run(args, mode: str) -> Path:
     model = comps.transformer.to(dtype=DTYPES[args.weights_dtype])
     model.gradient_checkpointing = args.gradient_checkpointing
     lora_configs = {}
+    if args.use_lora or args.text_encoder_use_lora:
+        from .. import lora  # peft: imported only for LoRA runs (it takes seconds)
     if args.use_lora:
         targets = list(args.lora_target_modules or lora.TRANSFORMER_TARGETS)
         lora_configs["transformer"] = lora.add_lora(model, args.lora_r, args.lora_alpha, targets)
@@ -228,6 +257,12 @@ def run(args, mode: str) -> Path:
         model, optimizer = accelerator.prepare(model, optimizer)
     if text_trainable:
         cond.text.model = accelerator.prepare(cond.text.model)
+    # Clip the parameters the prepared modules hold: under FSDP they replace the ones built above (accelerate uses
+    # FSDP's sharded-aware clipping only for exactly the wrapped model's parameters), and a norm over the old
+    # objects would see no gradients at all.
+    clip_params = list(model.parameters())
+    if text_trainable:
+        clip_params += [p for p in cond.text.model.parameters() if p.requires_grad]
     scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
     unwrapped = accelerator.unwrap_model(model)
     averaged = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
@@ -236,7 +271,12 @@ def run(args, mode: str) -> Path:
     ema = EMA(averaged, args.ema_decay, args.ema_update_after_step) if args.use_ema else None
     accelerator.register_for_checkpointing(scheduler, *([optimizer] if args.fused_optimizer_step else []),
                                            *([ema] if ema else []))
-    state = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main)
+    state, changes = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main, recorded)
+    if changes.optimizer:
+        set_learning_rate(optimizer, scheduler, args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        accelerator.print(f"note: applied {', '.join('--' + n for n in changes.optimizer)} to the resumed optimizer "
+                          f"(the checkpoint's values would otherwise be restored)")
     if main:
         (out / "logs").mkdir(exist_ok=True)
         if args.report_to == "tensorboard":
@@ -247,6 +287,7 @@ def run(args, mode: str) -> Path:
     mask_id = unwrapped.config.mask_token_id
     bar = tqdm(total=args.max_train_steps, initial=state["step"], disable=not main, desc=mode)
     sums = torch.zeros(3, device=device)  # loss, accuracy, micro-batches since the last log
+    norms = []  # gradient norms (before clipping) since the last log
     micro = 0
     clock = (time.perf_counter(), state["step"])  # for images/s between logs
     while state["step"] < args.max_train_steps:
@@ -255,6 +296,8 @@ def run(args, mode: str) -> Path:
         seen = 0
         for batch in loader:
             seen += 1
+            if args.debug_log_batches:  # lets tests check the data order across a resume
+                debug_log_batch(out, accelerator.process_index, state["step"] + 1, batch)
             sync = (micro + 1) % ga == 0
             if args.fused_optimizer_step:
                 optimizer.sync = sync
@@ -267,7 +310,7 @@ def run(args, mode: str) -> Path:
             if not sync:
                 continue
             if args.max_grad_norm and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                norms.append(accelerator.clip_grad_norm_(clip_params, args.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -278,12 +321,13 @@ def run(args, mode: str) -> Path:
             if state["step"] % args.logging_steps == 0 or state["step"] == args.max_train_steps:
                 images = (state["step"] - clock[1]) * args.train_batch_size * ga * accelerator.num_processes
                 log(accelerator, out, state["step"], sums, scheduler.get_last_lr()[0], bar,
-                    images / (time.perf_counter() - clock[0]))
+                    images / (time.perf_counter() - clock[0]), norms)
                 sums.zero_()
+                norms = []
                 clock = (time.perf_counter(), state["step"])
             if args.checkpointing_steps and state["step"] % args.checkpointing_steps == 0:
                 ckpt.save_checkpoint(accelerator, out, state["step"], {**state, "seed": args.seed},
-                                     args.checkpoints_total_limit)
+                                     args.checkpoints_total_limit, recorded)
             if args.validation_prompts and args.validation_steps and state["step"] % args.validation_steps == 0:
                 validate(args, accelerator, comps, model, out, state["step"])
             if args.debug_sleep_per_step:  # lets tests kill a run mid-way
@@ -343,17 +387,36 @@ def step_loss(batch: dict, model, cond: Conditioner, mask_id: int, args):
     return masked_loss(logits, ids, masked.mask, args.label_smoothing)
 
 
-def log(accelerator, out: Path, step: int, sums: torch.Tensor, lr: float, bar, images_per_s: float) -> None:
-    """Reduce the running sums over processes; progress bar, logs/train_log.jsonl and trackers."""
+def log(accelerator, out: Path, step: int, sums: torch.Tensor, lr: float, bar, images_per_s: float,
+        grad_norms: list[torch.Tensor]) -> None:
+    """Reduce the running sums over processes; progress bar, logs/train_log.jsonl and trackers.
+
+    `grad_norms` are the global norms `clip_grad_norm_` returned since the last log (the same on every process);
+    their mean is logged. The peak memory is the largest `torch.cuda.max_memory_allocated` of any process so far.
+    """
     totals = accelerator.reduce(sums.clone(), reduction="sum")
     n = max(float(totals[2]), 1.0)
+    peak = None
+    if accelerator.device.type == "cuda":
+        mine = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device)], device=accelerator.device)
+        peak = float(accelerator.gather(mine).max()) / 2 ** 30
     metrics = {"loss": float(totals[0]) / n, "masked_accuracy": float(totals[1]) / n, "lr": lr,
-               "images_per_s": images_per_s}
+               "images_per_s": images_per_s, "max_memory_allocated_gib": peak}
+    if grad_norms:
+        local = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in grad_norms]  # FSDP2: DTensor
+        metrics["grad_norm"] = float(torch.stack([x.detach().float().reshape(()) for x in local]).mean())
     if accelerator.is_main_process:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['masked_accuracy']:.3f}")
         with open(out / "logs" / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-    accelerator.log(metrics, step=step)
+    accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+
+def debug_log_batch(out: Path, rank: int, step: int, batch: dict) -> None:
+    """Append the captions of one micro-batch to logs/batches_rank{rank}.jsonl (`--debug_log_batches`)."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / f"batches_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "captions": list(batch["caption"])}) + "\n")
 
 
 @torch.no_grad()
@@ -374,6 +437,8 @@ def validate(args, accelerator, comps: Components, model, out: Path, step: int) 
     try:
         pipe = AmusedPipeline(comps.vqvae, comps.tokenizer, comps.text_encoder, transformer,
                               SchedulerConfig(mask_token_id=transformer.config.mask_token_id))
+        root = resolve(args.pretrained_model_name_or_path) if args.pretrained_model_name_or_path else None
+        pipe.generation_defaults = generation_defaults(args, root)  # what the saved pipeline will generate with
         folder = out / "validation" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         generator = torch.Generator(accelerator.device).manual_seed(args.seed or 0)
@@ -405,6 +470,8 @@ def save_final(args, accelerator, comps: Components, model, text_model, ema: EMA
         transformer = UViT(transformer.config)
         transformer.load_state_dict(full_state)
     if lora_configs:
+        from .. import lora
+
         path = lora.save_lora_weights(out, transformer if args.use_lora else None,
                                       comps.text_encoder if "text_encoder" in lora_configs else None, lora_configs)
         accelerator.print(f"LoRA weights saved to {path}")
@@ -422,5 +489,20 @@ def save_final(args, accelerator, comps: Components, model, text_model, ema: EMA
             tokenizer, text_encoder = load_text(root, getattr(args, "text_encoder_path", None))
         pipe = AmusedPipeline(load_model(VQGAN, VQGANConfig, vq_folder), tokenizer, text_encoder, transformer,
                               SchedulerConfig(mask_token_id=transformer.config.mask_token_id))
+        pipe.generation_defaults = generation_defaults(args, root)
         pipe.save_pretrained(out)
         accelerator.print(f"pipeline saved to {out} (load it with AmusedPipeline.from_pretrained)")
+
+
+
+def generation_defaults(args, root: Path | None) -> dict:
+    """The saved pipeline's generation_config.json: the base pipeline's (so generating from the result keeps the
+    settings the base model was tuned with, not diffusers' guidance 10), with the `--default_*` flags on top."""
+    path = root / "generation_config.json" if root is not None else None
+    base = read_json(path) if path is not None and path.is_file() else {}
+    given = {key: getattr(args, flag) for flag, key in GENERATION_FLAGS.items()
+             if getattr(args, flag, None) is not None}
+    if "temperature" in given:
+        t = [float(x) for x in given["temperature"]]
+        given["temperature"] = t * 2 if len(t) == 1 else t  # one value: constant
+    return {**base, **given}

@@ -32,7 +32,7 @@ from ..models.vqgan import VQGAN, VQGANConfig
 from ..presets import VQ_PRESETS
 from . import checkpoint as ckpt
 from .data import EpochSampler, ImageFolder, TrainDataset, make_dataset
-from .optim import make_lr_scheduler
+from .optim import make_lr_scheduler, set_learning_rate
 
 # ----------------------------------------------------------------------------------------------------------
 # Modules
@@ -202,7 +202,15 @@ def run(args) -> dict[str, float]:
     accelerator.register_for_checkpointing(scheduler)
     vq = accelerator.unwrap_model(model).vq
     K = vq.config.num_vq_embeddings
-    state = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main)
+    recorded = ckpt.args_to_record(args)
+    state, changes = ckpt.resume_state(accelerator, out, args.resume_from_checkpoint, main, recorded)
+    if {"learning_rate", "disc_learning_rate", "adam_weight_decay"} & set(changes.changed):
+        set_learning_rate(opt, scheduler, args.learning_rate, weight_decay=args.adam_weight_decay)
+        if use_disc:  # no schedule on the discriminator
+            for group in opt_d.param_groups:
+                group.update(lr=args.disc_learning_rate or args.learning_rate, weight_decay=args.adam_weight_decay)
+        accelerator.print("note: applied the learning rates and weight decay to the resumed optimizers (the "
+                          "checkpoint's values would otherwise be restored)")
     eval_loader = DataLoader(held_out, batch_size=args.train_batch_size) if held_out is not None else None
     if eval_loader is not None and state["step"] == 0:
         write_log(accelerator, out, 0, evaluate(vq, eval_loader, device), None, "eval_log")
@@ -269,7 +277,7 @@ def run(args) -> dict[str, float]:
                 write_log(accelerator, out, state["step"], evaluate(vq, eval_loader, device), bar, "eval_log")
             if args.checkpointing_steps and state["step"] % args.checkpointing_steps == 0:
                 ckpt.save_checkpoint(accelerator, out, state["step"], {**state, "seed": args.seed},
-                                     args.checkpoints_total_limit)
+                                     args.checkpoints_total_limit, recorded)
             if args.debug_sleep_per_step:
                 time.sleep(args.debug_sleep_per_step)
             if state["step"] >= args.max_train_steps:
