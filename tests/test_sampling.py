@@ -38,7 +38,7 @@ def test_cosine_and_linear_ratios():
 def _fake_logits(V=16):
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(0)) * 3
 
-    def fn(tokens):  # (B, h, w) -> (B, V, h, w): depends on the grid, like a model would
+    def fn(tokens, timestep):  # (B, h, w) -> (B, V, h, w): depends on the grid, like a model would
         ctx = torch.where(tokens == MASK, 0, tokens).float().mean(dim=(1, 2), keepdim=True)
         logits = table[(torch.arange(tokens.numel()).view(tokens.shape) % V)] + ctx[..., None]  # (B, h, w, V)
         return logits.permute(0, 3, 1, 2)
