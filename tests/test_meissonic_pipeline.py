@@ -216,3 +216,25 @@ def test_runtime_and_cli_pick_the_class_from_model_index(tiny_dir, tmp_path, cap
     assert main(["inpaint", str(out), "a cat", "--extend", "4", "4", "0", "0", "--rect", "0", "0", "4", "4",
                  "--model", str(tiny_dir), "--out", str(wide), "--device", "cpu", "--quiet"]) == 2
     assert "exactly one of --mask, --rect or --extend" in capsys.readouterr().err
+
+
+def test_bench_runs_on_cpu_with_the_tiny_preset(tmp_path, capsys):
+    """`amused bench --preset monetico-tiny`: a table and JSON; against the reference pipeline when
+    AMUSED_MEISSONIC_REFERENCE names a checkout of viiika/Meissonic (timed in the same run, same weights)."""
+    import os
+
+    from amused.cli import main
+
+    reference = os.environ.get("AMUSED_MEISSONIC_REFERENCE")
+    args = ["bench", "--preset", "monetico-tiny", "--device", "cpu", "--steps", "2", "--batch", "1", "--repeats", "1",
+            "--out", str(tmp_path / "b.json")] + (["--reference-path", reference] if reference else [])
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["model"], r["steps"], r["batch"], r["dtype"]) for r in rows] == [("monetico-tiny", 2, 1, "fp32")]
+    assert rows[0]["ours"]["ms_median"] > 0 and rows[0]["step_gflops"] > 0
+    assert ("reference" in rows[0]) == bool(reference)
+    assert "monetico-tiny" in capsys.readouterr().out
+    assert main(["bench", "--preset", "monetico-tiny", "amused-256", "--device", "cpu"]) == 2
+    assert "not both in one run" in capsys.readouterr().err
+    assert main(["bench", "--preset", "amused-256", "--steps", "4", "8", "--device", "cpu"]) == 2
+    assert "--steps takes one value" in capsys.readouterr().err

@@ -31,7 +31,8 @@ from .bench import PROMPTS, held_bytes, matmul_tflops, timed
 PRESETS = {
     "meissonic": ("meissonic", "amused", "CLIP_H", 1024),
     "monetico": ("monetico", "amused", "CLIP_H", 512),
-    "meissonic-tiny": ("tiny", "tiny64", "CLIP_TINY_MEISSONIC", 1024),  # Meissonic's layout: the reference needs 1024
+    # Meissonic's layout, at 1024 px as the reference needs; 32 px a token: 32x32 tokens (16x16 in the blocks)
+    "meissonic-tiny": ("tiny", "tiny32", "CLIP_TINY_MEISSONIC", 1024),
     "monetico-tiny": ("tiny-monetico", "tiny", "CLIP_TINY_MEISSONIC", 32),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,13 +45,15 @@ def _vq_config(name: str):
     tiny = dict(latent_channels=4, layers_per_block=1, norm_num_groups=4, num_vq_embeddings=16, sample_size=8)
     return {"amused": VQ_PRESETS["amused"],
             "tiny": lambda: VQGANConfig(block_out_channels=[8, 8], **tiny),  # 2 px a token
-            "tiny64": lambda: VQGANConfig(block_out_channels=[8] * 7, **tiny)}[name]()  # 64 px a token
+            # 32 px a token (the reference's inpainting mask resize needs the grid side a multiple of it)
+            "tiny32": lambda: VQGANConfig(block_out_channels=[8] * 6, **tiny)}[name]()
 
 
 def random_pipeline(preset: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                     vq: str | None = None):
-    """A `MeissonicPipeline` of a named architecture (`PRESETS`) with seeded random weights (normal, std 0.02;
-    norms at 1) and a character-level CLIP tokenizer of 77 tokens. `vq`: another VQ ("tiny": 2 px a token, for
+    """A `MeissonicPipeline` of a named architecture (`PRESETS`) with seeded random weights (the transformer's
+    matrices normal with std 0.02, as transformers are initialised: tame activations in fp16; norms at 1; the VQ
+    and text encoder as PyTorch initialises them) and a character-level CLIP tokenizer of 77 tokens. `vq`: another VQ ("tiny": 2 px a token, for
     CPU tests at small sizes)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -74,10 +77,9 @@ def random_pipeline(preset: str, device: str | torch.device = "cpu", dtype: torc
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**getattr(presets, text))).eval()
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
-        for module in (transformer, vqvae):
-            for p in module.parameters():
-                if p.ndim > 1:
-                    p.copy_(torch.randn(p.shape, generator=generator, device=device) * 0.02)
+        for p in transformer.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=generator, device=device) * 0.02)
     pipe = MeissonicPipeline(vqvae, tokenizer, text_encoder, transformer, SchedulerConfig(config.mask_token_id))
     return pipe.to(device, dtype)
 
@@ -181,15 +183,21 @@ def run(presets=("meissonic",), steps=(48, 64), batches=(1, 4), dtypes=("fp16", 
         device: str = "cuda", reference_path: str | None = None, compile: bool | str = True,
         guidance_scale: float = 9.0, out: str | None = None) -> list[dict]:
     """Time ours (the fast path on CUDA, the plain loop on the CPU) and the reference for every preset x dtype x
-    steps x batch; print a table, write JSON to `out`, return the rows."""
+    steps x batch; print a table, write JSON to `out`, return the rows. A preset that is not in `PRESETS` is a
+    Meissonic checkpoint (folder or hub id), run at its native size."""
+    from .pipeline_meissonic import MeissonicPipeline
+
     dev = torch.device(device)
     ref_module = import_reference(reference_path) if reference_path else None
     rows = []
     for preset in presets:
-        side = PRESETS[preset][3] if preset in PRESETS else None
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            pipe = random_pipeline(preset, dev, dtype)
+            if preset in PRESETS:
+                pipe, side = random_pipeline(preset, dev, dtype), PRESETS[preset][3]
+            else:
+                pipe = MeissonicPipeline.from_pretrained(preset, torch_dtype=dtype, device=dev).to(dev, dtype)
+                side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
             ref = reference_pipeline(pipe, ref_module) if ref_module else None
             check = None
             if dev.type == "cuda":
