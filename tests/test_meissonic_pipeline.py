@@ -238,3 +238,28 @@ def test_bench_runs_on_cpu_with_the_tiny_preset(tmp_path, capsys):
     assert "not both in one run" in capsys.readouterr().err
     assert main(["bench", "--preset", "amused-256", "--steps", "4", "8", "--device", "cpu"]) == 2
     assert "--steps takes one value" in capsys.readouterr().err
+
+
+def test_server_runs_meissonic_with_a_sampler(pipe):
+    """`amused serve` over a Meissonic pipeline: the same API; `sampler` is a request field (echoed when given),
+    and a seeded request equals the Python call."""
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from amused.server import ServerSettings, create_app
+
+    body = {"prompt": "a cat", "seed": 3, "num_inference_steps": 2, "height": SIDE, "width": SIDE,
+            "sampler": "halton"}
+    with TestClient(create_app(pipe, ServerSettings()), base_url="http://127.0.0.1:8000") as client:
+        r = client.post("/v1/generate", json=body)
+        bad = client.post("/v1/generate", json={**body, "sampler": "random"})
+    assert r.status_code == 200, r.text
+    assert r.json()["settings"]["sampler"] == "halton" and r.json()["settings"]["guidance_scale"] == 9.0
+    got = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    want = pipe("a cat", num_inference_steps=2, height=SIDE, width=SIDE, sampler="halton",
+                generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.array_equal(got, np.asarray(want))
+    assert bad.status_code == 422 and "sampler" in bad.text
