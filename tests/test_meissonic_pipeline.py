@@ -263,3 +263,20 @@ def test_server_runs_meissonic_with_a_sampler(pipe):
                 generator=torch.Generator().manual_seed(3)).images[0]
     assert np.array_equal(got, np.asarray(want))
     assert bad.status_code == 422 and "sampler" in bad.text
+
+
+def test_demo_handlers_run_meissonic(pipe, tmp_path):
+    """`amused demo`'s three tabs over a Meissonic pipeline, unchanged: the image tasks follow the pipeline's family."""
+    pytest.importorskip("gradio")
+    from amused.demo import DISPLAY_SIZE, Options, image_to_image, inpaint, text_to_image
+
+    options = Options(num_inference_steps=2, size=SIDE)
+    updates = list(text_to_image(pipe, "a cat", options, tmp_path))
+    image = updates[-1][0][0]
+    assert len(updates) == 2 and image.size == (SIDE, SIDE)
+    assert list(image_to_image(pipe, "a dog", image, 1.0, options, tmp_path))[-1][0][0].size == (SIDE, SIDE)
+    background = image.resize((DISPLAY_SIZE, DISPLAY_SIZE)).convert("RGBA")
+    layer = PIL.Image.new("RGBA", background.size, (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 255), (0, 0, DISPLAY_SIZE // 2, DISPLAY_SIZE))
+    editor = {"background": background, "layers": [layer], "composite": background}
+    assert list(inpaint(pipe, "a dog", editor, options, tmp_path))[-1][0][0].size == (SIDE, SIDE)
