@@ -26,7 +26,7 @@ MASK = 23  # the tiny preset's mask token
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("meissonic")
-    random_pipeline("meissonic-tiny", vq="tiny").save_pretrained(folder)  # the published layout, as the reference writes it
+    random_pipeline("meissonic-tiny", vq="tiny").save_pretrained(folder)  # the layout the reference writes
     return folder
 
 

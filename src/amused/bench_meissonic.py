@@ -53,8 +53,8 @@ def random_pipeline(preset: str, device: str | torch.device = "cpu", dtype: torc
                     vq: str | None = None):
     """A `MeissonicPipeline` of a named architecture (`PRESETS`) with seeded random weights (the transformer's
     matrices normal with std 0.02, as transformers are initialised: tame activations in fp16; norms at 1; the VQ
-    and text encoder as PyTorch initialises them) and a character-level CLIP tokenizer of 77 tokens. `vq`: another VQ ("tiny": 2 px a token, for
-    CPU tests at small sizes)."""
+    and text encoder as PyTorch initialises them) and a character-level CLIP tokenizer of 77 tokens. `vq`: another
+    VQ ("tiny": 2 px a token, for CPU tests at small sizes)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from . import presets

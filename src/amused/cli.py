@@ -289,7 +289,7 @@ def add_edit_commands(subparsers) -> None:
                     'amused img2img apple.png "green apple, google style" --strength 0.5 --out green.png'),
         "inpaint": ("re-generate the tokens under a mask (image, --rect), or outpaint (--extend)",
                     'amused inpaint face.png "face with tears of joy, google style" --rect 16 32 48 56 --out joy.png\n'
-                    '  amused inpaint photo.png "fall mountains" --extend 256 256 0 0 --model MEISSONIC --out wide.png'),
+                    '  amused inpaint photo.png "fall mountains" --extend 256 256 0 0 --model DIR --out wide.png'),
         "variations": ("several img2img variations of an image, with its recorded prompt",
                        "amused variations apple.png --num-images 4 --strength 0.4 --out var.png --grid var_grid.png"),
     }

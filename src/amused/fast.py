@@ -13,7 +13,8 @@ fuse), SDPA attention, a compiled text encoder and VQ decoder, channels-last bf1
 
 The graph captures `sampling.decode`, the loop the plain path runs, with a compiled whole step
 (`guided_step`: transformer, guidance and sampler). Meissonic's transformer runs the same way: its per-step
-timestep is an input of the step, as the other per-step numbers, so one compiled graph serves every step. The user's generator drives it: its state is copied into the
+timestep is an input of the step, as the other per-step numbers, so one compiled graph serves every step. The
+user's generator drives it: its state is copied into the
 graph's generator before a replay and the advanced state copied back after, so a generator reused across calls
 moves on exactly as on the plain path, and the same generator gives the same tokens on both paths (img2img and
 inpainting too). Only a CPU generator, which asks for diffusers' random stream, runs the plain path. Callbacks

@@ -10,9 +10,10 @@ schedule part-way, the whole grid.
 The loop takes a `logits_fn(tokens, timestep) -> logits` callable, so guidance, LoRA and compilation wrap the model
 without touching it. `timestep` is the scheduler's timestep of the step, N - 1 - i at step i of N (as diffusers'
 `AmusedScheduler` and Meissonic's `Scheduler` count): Meissonic's transformer is conditioned on it, aMUSEd's
-U-ViT ignores it, so one loop serves both. It makes no host sync: no `.item()`, no `nonzero()`, no Python branch on a tensor;
-per-step numbers are precomputed tensors indexed by the (static) Python step index, so the whole loop can be
-captured as a CUDA graph.
+U-ViT ignores it, so one loop serves both.
+
+It makes no host sync: no `.item()`, no `nonzero()`, no Python branch on a tensor; per-step numbers are
+precomputed tensors indexed by the (static) Python step index, so the whole loop can be captured as a CUDA graph.
 
 Which tokens stay revealed after a step (`order`):
 - "confidence" (MaskGIT): the most confident samples (log-probability + annealed Gumbel noise);
