@@ -280,3 +280,22 @@ def test_demo_handlers_run_meissonic(pipe, tmp_path):
     layer.paste((255, 0, 255, 255), (0, 0, DISPLAY_SIZE // 2, DISPLAY_SIZE))
     editor = {"background": background, "layers": [layer], "composite": background}
     assert list(inpaint(pipe, "a dog", editor, options, tmp_path))[-1][0][0].size == (SIDE, SIDE)
+
+
+def test_compiled_meissonic_step_is_one_graph(pipe):
+    """`torch.compile` traces a whole Meissonic step (transformer with its timestep, guidance, Halton sampling)
+    without a graph break, so the fast path's "full" mode compiles one graph for every step."""
+    import torch._dynamo
+
+    from amused.fast import guided_step
+
+    with torch.inference_mode():
+        embeds = pipe.encode_prompt(["a cat"], None, 1, True)
+        micro = torch.tensor([[16.0, 16, 0, 0, 6]] * 2)
+        ctx = pipe.transformer.condition(embeds.hidden, embeds.pooled, micro, grid=(8, 8))
+        draws = sampling.gumbel_draws((1, 64, 16), seeded(0), "cpu")
+        explained = torch._dynamo.explain(guided_step)(
+            pipe.transformer, torch.full((1, 64), MASK), ctx, draws, torch.tensor([64]), torch.tensor(0.5),
+            torch.tensor(1.0), torch.tensor(False), 9.0, MASK, (1, 8, 8), torch.tensor(3.0),
+            sampling.halton_priority(8, 8))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
