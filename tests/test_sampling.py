@@ -38,7 +38,7 @@ def test_cosine_and_linear_ratios():
 def _fake_logits(V=16):
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(0)) * 3
 
-    def fn(tokens):  # (B, h, w) -> (B, V, h, w): depends on the grid, like a model would
+    def fn(tokens, timestep):  # (B, h, w) -> (B, V, h, w): depends on the grid, like a model would
         ctx = torch.where(tokens == MASK, 0, tokens).float().mean(dim=(1, 2), keepdim=True)
         logits = table[(torch.arange(tokens.numel()).view(tokens.shape) % V)] + ctx[..., None]  # (B, h, w, V)
         return logits.permute(0, 3, 1, 2)
@@ -89,3 +89,58 @@ def test_same_noise_same_tokens():
     runs = [decode(_fake_logits(), tokens, num_steps=5, mask_token_id=MASK, draw="gumbel",
                    generator=torch.Generator().manual_seed(11)) for _ in range(2)]
     assert torch.equal(*runs)
+
+
+def _halton_order(height, width):
+    """Positions in first-visit order of the 2-D Halton sequence (base 2 rows, base 3 columns, from k = 1), in
+    exact rational arithmetic: what Halton-MaskGIT's build_halton_mask lists (until every cell is visited)."""
+    from fractions import Fraction
+
+    def radical_inverse(k, base):
+        out, scale = Fraction(0), Fraction(1, base)
+        while k:
+            out += (k % base) * scale
+            k, scale = k // base, scale / base
+        return out
+
+    order, seen, k = [], set(), 1
+    while len(order) < height * width:
+        cell = int(radical_inverse(k, 2) * height) * width + int(radical_inverse(k, 3) * width)
+        if cell not in seen:
+            seen.add(cell)
+            order.append(cell)
+        k += 1
+    return order
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (8, 8), (5, 7), (16, 12), (1, 3)])
+def test_halton_priority_is_the_halton_visit_order(shape):
+    from amused.sampling import halton_priority
+
+    priority = halton_priority(*shape)
+    assert priority.shape == (shape[0] * shape[1],) and priority.dtype == torch.float32
+    assert torch.argsort(priority, descending=True).tolist() == _halton_order(*shape)
+
+
+def test_halton_order_reveals_by_position_and_makes_no_host_sync():
+    """order="halton": the schedule's counts as before, the revealed positions the Halton order's first ones
+    (among the unknown), whatever the model's confidence; no sync op on the on-device path."""
+    from amused.sampling import halton_priority
+
+    tokens = torch.full((2, 8, 8), MASK)
+    tokens[1, 0] = 3  # a known row: the order goes on among the unknown positions
+    revealed = []
+    with RecordOps() as rec:
+        out = decode(_fake_logits(), tokens, num_steps=5, mask_token_id=MASK, draw="gumbel", order="halton",
+                     generator=torch.Generator().manual_seed(0),
+                     callback=lambda i, r: revealed.append(r.tokens != MASK))
+    assert not (rec.ops & SYNC_OPS), rec.ops & SYNC_OPS
+    assert (out != MASK).all()
+    rank = torch.argsort(torch.argsort(halton_priority(8, 8), descending=True))  # position -> place in the order
+    for step in revealed[:-1]:
+        for b in range(2):
+            new = step[b] & (tokens[b].flatten() == MASK)
+            unknown_rank = rank[tokens[b].flatten() == MASK]
+            assert set(rank[new].tolist()) == set(unknown_rank.sort().values[:int(new.sum())].tolist())
+    with pytest.raises(ValueError, match="order must be one of confidence, halton"):
+        decode(_fake_logits(), tokens, num_steps=2, mask_token_id=MASK, order="random")

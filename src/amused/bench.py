@@ -328,32 +328,64 @@ def print_table(rows, meta) -> None:
 def add_command(subparsers) -> None:
     import argparse
 
-    p = subparsers.add_parser("bench", help="time ours against diffusers side by side",
+    from .bench_meissonic import PRESETS as MEISSONIC_PRESETS
+
+    p = subparsers.add_parser("bench", help="time ours against the reference side by side",
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
   amused bench                                   # amused-256/512 random weights, batch 1 and 8, vs diffusers
   amused bench --model path/to/ckpt --batch 1    # a real checkpoint
   amused bench --device cpu --model embedded --batch 1 --no-reference
+  amused bench --preset meissonic --reference-path ~/Meissonic     # 1024 px, 48 and 64 steps, batch 1 and 4,
+                                                                   # fp16 and bf16, vs viiika/Meissonic's pipeline
+  amused bench --preset monetico-tiny --device cpu --steps 4 --batch 1 --reference-path ~/Meissonic
 """)
     p.add_argument("--model", default=None, help="checkpoint folder/hub id, or 'embedded' (default: random presets)")
-    p.add_argument("--preset", nargs="+", default=["amused-256", "amused-512"])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--preset", nargs="+", default=["amused-256", "amused-512"],
+                   choices=["amused-256", "amused-512", *MEISSONIC_PRESETS],
+                   help="random-weight architectures (aMUSEd or Meissonic ones, not both in one run)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default: 1 8; Meissonic 1 4)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="decoding steps (default: 12; Meissonic 48 64; aMUSEd takes one value)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: 30; Meissonic 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--no-reference", action="store_true", help="skip diffusers")
+    p.add_argument("--dtype", nargs="+", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="weights dtype (default: fp16; Meissonic fp16 bf16; fp32 on the CPU; aMUSEd takes one)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference")
+    p.add_argument("--reference-path", default=None,
+                   help="Meissonic presets: a checkout of viiika/Meissonic whose src/ pipeline is timed on the same "
+                        "weights (it is not on PyPI); without it, ours alone")
     p.add_argument("--reference-compile", action="store_true", help="also torch.compile diffusers' transformer")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs without torch.compile")
     p.add_argument("--compile", default="full", choices=["blocks", "full"],
-                   help="what of ours is compiled (enable_fast's compile): blocks one by one, or 'full': the U-ViT "
-                        "step as one graph plus the text encoder (longer warm-up)")
+                   help="what of ours is compiled (enable_fast's compile): blocks one by one, or 'full': the "
+                        "transformer step as one graph plus the text encoder (longer warm-up)")
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
 
     def handler(args):
-        model = args.model
-        dtype = args.dtype if args.device != "cpu" else "fp32"
-        run(args.preset, args.batch, args.steps, args.repeats, args.device, dtype, model, not args.no_reference,
-            args.reference_compile, False if args.no_compile else args.compile, args.out)
+        compile = False if args.no_compile else args.compile
+        meissonic = [preset for preset in args.preset if preset in MEISSONIC_PRESETS]
+        if args.model not in (None, "embedded"):
+            from .components import MEISSONIC, family_of
+            from .embedded import resolve_model_name
+
+            meissonic = [args.model] if family_of(resolve_model_name(args.model)) is MEISSONIC else []
+        elif meissonic and len(meissonic) != len(args.preset):
+            raise ValueError("--preset: give aMUSEd or Meissonic presets, not both in one run")
+        if meissonic:
+            from . import bench_meissonic
+
+            dtypes = args.dtype or (["fp16", "bf16"] if args.device != "cpu" else ["fp32"])
+            bench_meissonic.run(meissonic, steps=args.steps or [48, 64], batches=args.batch or [1, 4],
+                                dtypes=dtypes, repeats=args.repeats or 3, device=args.device,
+                                reference_path=None if args.no_reference else args.reference_path, compile=compile,
+                                out=args.out)
+            return 0
+        for flag, values in (("--steps", args.steps), ("--dtype", args.dtype)):
+            if values and len(values) > 1:
+                raise ValueError(f"{flag} takes one value for aMUSEd presets and checkpoints")
+        dtype = args.dtype[0] if args.dtype and args.device != "cpu" else ("fp16" if args.device != "cpu" else "fp32")
+        run(args.preset, args.batch or [1, 8], args.steps[0] if args.steps else 12, args.repeats or 30, args.device,
+            dtype, args.model, not args.no_reference, args.reference_compile, compile, args.out)
         return 0
 
     p.set_defaults(func=handler)

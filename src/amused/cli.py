@@ -43,7 +43,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, sampler=args.sampler)
     if args.temperature is not None:
         if len(args.temperature) > 2:
             raise ValueError("--temperature takes one or two numbers (start [end])")
@@ -85,10 +85,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = engine.pipe
     kwargs = sampling_kwargs(args)
     steps, guidance, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, kwargs.get("temperature"))
+    sampler = pipe.resolve_sampler(args.sampler)
     settings = {"model": engine.model_name, "steps": steps, "guidance_scale": guidance,
                 "temperature": list(temperature) if isinstance(temperature, tuple) else temperature,
                 "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
-                "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None, **stream_metadata(engine)}
+                "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None, "sampler": sampler,
+                **stream_metadata(engine)}
 
     def meta(b: int, i: int) -> dict:
         return {"prompt": batches[b][i], "seed": args.seed + b, "batch_prompts": batches[b], "batch_index": i,
@@ -216,7 +218,7 @@ def regenerate(args: argparse.Namespace) -> int:
     out = engine.pipe(recorded.prompts, negative_prompt=recorded.negative_prompt,
                       num_inference_steps=recorded.steps, guidance_scale=recorded.guidance_scale,
                       temperature=recorded.temperature, height=recorded.height, width=recorded.width,
-                      generator=engine.generator(recorded.seed)).images
+                      sampler=recorded.sampler, generator=engine.generator(recorded.seed)).images
     save_image(out[recorded.batch_index], args.out, recorded.raw)
     if not args.quiet:
         print(f"wrote {args.out}")
@@ -226,6 +228,12 @@ def regenerate(args: argparse.Namespace) -> int:
 def _slug(text: str, limit: int = 40) -> str:
     keep = "".join(c if c.isalnum() else "-" for c in text.lower())
     return "-".join(filter(None, keep.split("-")))[:limit] or "image"
+
+
+def add_sampler_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", default=None, choices=["confidence", "halton"],
+                   help="which samples stay revealed each step: the most confident (MaskGIT) or a fixed Halton order "
+                        "of positions (default: the model's, else confidence)")
 
 
 def add_generate(subparsers) -> None:
@@ -253,6 +261,7 @@ def add_generate(subparsers) -> None:
                    help="start [end] of the temperature ramp (default: the model's, else 2 0)")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of the VQ factor")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of the VQ factor")
+    add_sampler_arg(p)
     add_runtime_args(p)
     add_output_args(p)
     p.set_defaults(func=cmd_generate)
@@ -283,7 +292,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.width or args.height:
         source = source.resize((args.width or source.width, args.height or source.height), Image.LANCZOS)
     if args.command == "inpaint":
-        kwargs["mask_image"] = _mask(args, source.size)  # checked before the model loads
+        if getattr(args, "extend", None) is not None:  # outpainting: a wider canvas, its new border masked
+            if args.mask is not None or args.rect is not None:
+                raise ValueError("inpaint needs exactly one of --mask, --rect or --extend")
+            source, kwargs["mask_image"] = _extend(args.extend, source)
+        else:
+            kwargs["mask_image"] = _mask(args, source.size)  # checked before the model loads
     else:
         kwargs["strength"] = args.strength
     engine = engine_from_args(args, expected_images=args.num_images)
@@ -297,7 +311,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     for i, (path, image) in enumerate(zip(paths, images)):
         save_image(image, path, {"task": args.command, "prompt": prompt, "seed": args.seed + i,
                                  "source": str(args.image), "strength": kwargs.get("strength"),
-                                 **stream_metadata(engine)})
+                                 "extend": args.extend if args.command == "inpaint" else None,
+                                 "sampler": pipe.resolve_sampler(args.sampler), **stream_metadata(engine)})
     if args.grid:
         save_image(make_image_grid([source.resize(images[0].size)] + images), args.grid)
     if args.json:
@@ -315,7 +330,7 @@ def _mask(args: argparse.Namespace, size: tuple[int, int]):
     from .images import load_image
 
     if (args.mask is None) == (args.rect is None):
-        raise ValueError("inpaint needs exactly one of --mask FILE or --rect X0 Y0 X1 Y1")
+        raise ValueError("inpaint needs exactly one of --mask, --rect or --extend")
     if args.mask is not None:
         return load_image(args.mask, mode="L", name="--mask")
     x0, y0, x1, y1 = args.rect
@@ -327,12 +342,24 @@ def _mask(args: argparse.Namespace, size: tuple[int, int]):
     return mask
 
 
+def _extend(extend: list[int], image):
+    """--extend L R T B: the image on a canvas grown by those pixels, and the mask of the new border."""
+    from .outpaint import outpaint
+
+    left, right, top, bottom = extend
+    try:
+        return outpaint(image, left=left, right=right, top=top, bottom=bottom)
+    except ValueError as e:
+        raise ValueError(f"--extend: {e}") from None
+
+
 def add_edit_commands(subparsers) -> None:
     specs = {
         "img2img": ("re-generate part of an image's tokens from a prompt",
                     'amused img2img apple.png "green apple, google style" --strength 0.5 --out green.png'),
-        "inpaint": ("re-generate the tokens under a mask (image, or --rect)",
-                    'amused inpaint face.png "face with tears of joy, google style" --rect 16 32 48 56 --out joy.png'),
+        "inpaint": ("re-generate the tokens under a mask (image, --rect), or outpaint (--extend)",
+                    'amused inpaint face.png "face with tears of joy, google style" --rect 16 32 48 56 --out joy.png\n'
+                    '  amused inpaint photo.png "fall mountains" --extend 256 256 0 0 --model DIR --out wide.png'),
         "variations": ("several img2img variations of an image, with its recorded prompt",
                        "amused variations apple.png --num-images 4 --strength 0.4 --out var.png --grid var_grid.png"),
     }
@@ -346,6 +373,9 @@ def add_edit_commands(subparsers) -> None:
             p.add_argument("--mask", type=Path, default=None, help="mask image, white where to regenerate")
             p.add_argument("--rect", type=int, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
                            help="regenerate this pixel rectangle instead of a mask image")
+            p.add_argument("--extend", type=int, nargs=4, default=None, metavar=("L", "R", "T", "B"),
+                           help="outpaint: grow the canvas by these pixels left, right, top, bottom and draw the new "
+                                "border (the output is that much larger)")
         else:
             strength = 0.5 if name == "img2img" else 0.4
             p.add_argument("--strength", type=float, default=strength,
@@ -361,6 +391,7 @@ def add_edit_commands(subparsers) -> None:
         p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T")
         p.add_argument("--height", type=int, default=None, help="resize the input first")
         p.add_argument("--width", type=int, default=None, help="resize the input first")
+        add_sampler_arg(p)
         add_runtime_args(p)
         add_output_args(p)
         p.set_defaults(func=cmd_edit)

@@ -1,6 +1,10 @@
-"""The published checkpoint layout of an aMUSEd pipeline (diffusers' `model_index.json`, transformer/, vqvae/,
+"""The published checkpoint layout of a masked-token pipeline (diffusers' `model_index.json`, transformer/, vqvae/,
 text_encoder/, tokenizer/, scheduler/, and our optional generation_config.json): reading it into components and
-writing them back. The pipelines' `from_pretrained` / `save_pretrained` call these."""
+writing them back. The pipelines' `from_pretrained` / `save_pretrained` call these.
+
+Two model families share the layout and everything but the transformer (`Family`): aMUSEd (diffusers'
+`UVit2DModel`) and Meissonic / Monetico (viiika/Meissonic's `Transformer2DModel`). `family_of` tells them apart
+by model_index.json's `_class_name` (the transformer entry when the name is unknown)."""
 
 from __future__ import annotations
 
@@ -12,13 +16,65 @@ from typing import Any
 
 import torch
 
-from .loading import CheckpointError, load_model, read_json, resolve, save_model, write_json
+from .loading import DIFFUSERS_VERSION, CheckpointError, load_model, read_json, resolve, save_model, write_json
+from .models.meissonic import MeissonicConfig, MeissonicTransformer
 from .models.text_encoder import packaged_encoder_path, packaged_spec, text_model_class
 from .models.uvit import UViT, UViTConfig
 from .models.vqgan import VQGAN, VQGANConfig
 
 # diffusers' AmusedPipeline defaults; a checkpoint's generation_config.json may override them.
-REFERENCE_DEFAULTS = {"num_inference_steps": 12, "guidance_scale": 10.0, "temperature": (2, 0)}
+REFERENCE_DEFAULTS = {"num_inference_steps": 12, "guidance_scale": 10.0, "temperature": (2, 0), "sampler": "confidence"}
+SAMPLERS = ("confidence", "halton")  # = sampling.ORDERS
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family on the one engine: the transformer its layout holds and how the layout names things."""
+
+    name: str  # "amused" or "meissonic"
+    pipeline: str  # the text-to-image class to load it with (named in errors)
+    transformer: type  # the model class, built from transformer/config.json
+    transformer_config: type
+    transformer_class: str  # transformer/config.json `_class_name`
+    model_index: dict  # what save_pretrained writes into model_index.json (besides the text components)
+    pipeline_names: frozenset  # model_index.json `_class_name` values that name this family
+    defaults: dict  # sampling defaults (a checkpoint's generation_config.json overrides them)
+
+
+AMUSED = Family(
+    "amused", "AmusedPipeline", UViT, UViTConfig, "UVit2DModel",
+    {"_class_name": "AmusedPipeline", "scheduler": ["diffusers", "AmusedScheduler"],
+     "transformer": ["diffusers", "UVit2DModel"], "vqvae": ["diffusers", "VQModel"]},
+    frozenset({"AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline"}), REFERENCE_DEFAULTS)
+# The reference's `Pipeline.save_pretrained` writes "Pipeline" and its own module paths (src.transformer,
+# src.scheduler); we write the same, so either side reads the other's folders.
+MEISSONIC = Family(
+    "meissonic", "MeissonicPipeline", MeissonicTransformer, MeissonicConfig, "Transformer2DModel",
+    {"_class_name": "Pipeline", "scheduler": ["src.scheduler", "Scheduler"],
+     "transformer": ["src.transformer", "Transformer2DModel"], "vqvae": ["diffusers", "VQModel"]},
+    frozenset({"Pipeline", "Img2ImgPipeline", "InpaintPipeline", "MeissonicPipeline", "MeissonicImg2ImgPipeline",
+               "MeissonicInpaintPipeline"}),
+    # viiika/Meissonic src/pipeline.py: 48 steps, guidance 9 (its inference scripts use 64 steps)
+    {**REFERENCE_DEFAULTS, "num_inference_steps": 48, "guidance_scale": 9.0})
+FAMILIES = (AMUSED, MEISSONIC)
+
+
+def family_of(path_or_id: str | os.PathLike, cache_dir: str | None = None, local_files_only: bool = False) -> Family:
+    """The family of a pipeline folder or hub id, from its model_index.json: the `_class_name`, else the class
+    of its `transformer` entry."""
+    root = resolve(path_or_id, cache_dir=cache_dir, local_files_only=local_files_only)
+    path = root / "model_index.json"
+    index = read_json(path)
+    name, entry = index.get("_class_name"), index.get("transformer")
+    for family in FAMILIES:
+        if name in family.pipeline_names:
+            return family
+    for family in FAMILIES:
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] == family.transformer_class:
+            return family
+    known = sorted(n for f in FAMILIES for n in f.pipeline_names)
+    raise CheckpointError(f"{path}: _class_name {name!r} with transformer {entry!r} is not a pipeline amused can run; "
+                          f"known: {', '.join(known)}")
 
 
 @dataclass
@@ -35,16 +91,22 @@ class SchedulerConfig:
 
 def load_components(path_or_id: str | os.PathLike, torch_dtype: torch.dtype | None = None, variant: str | None = None,
                     allow_pickle: bool = False, cache_dir: str | None = None, local_files_only: bool = False,
-                    device: str | torch.device | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    device: str | torch.device | None = None, family: Family = AMUSED
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The components of a pipeline folder or hub id (arguments as `AmusedPipeline.from_pretrained`'s), and its
-    generation defaults (generation_config.json, or {})."""
+    generation defaults (generation_config.json, or {}). A checkpoint of another family is refused, naming the
+    pipeline class that loads it."""
     root = resolve(path_or_id, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
-    read_json(root / "model_index.json")  # fails early, naming the file, if this is not a pipeline folder
+    found = family_of(root)  # fails early, naming the file, if this is not a pipeline folder
+    if found is not family:
+        raise CheckpointError(f"{root} holds a {found.name} checkpoint (model_index.json); load it with "
+                              f"{found.pipeline}, not {family.pipeline} (amused.runtime.load_engine picks the class)")
     vq_dtype = torch_dtype
     vq_config = read_json(root / "vqvae" / "config.json")
     if torch_dtype == torch.float16 and vq_config.get("force_upcast", True):
         vq_dtype = torch.float32
-    transformer = load_model(UViT, UViTConfig, root / "transformer", variant, torch_dtype, allow_pickle, device)
+    transformer = load_model(family.transformer, family.transformer_config, root / "transformer", variant, torch_dtype,
+                             allow_pickle, device)
     vqvae = load_model(VQGAN, VQGANConfig, root / "vqvae", variant, vq_dtype, allow_pickle, device)
     tokenizer, text_encoder = load_text_components(root, variant, torch_dtype)
     if device is not None:
@@ -70,14 +132,12 @@ def read_scheduler(path: Path, mask_token_id: int) -> SchedulerConfig:
 
 def save_components(pipe, folder: str | os.PathLike, variant: str | None = None) -> None:
     """Write a pipeline's components in the published layout (diffusers can read it too)."""
-    root = Path(folder)
+    root, family = Path(folder), pipe.family
     write_json(root / "model_index.json", {
-        "_class_name": "AmusedPipeline", "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "AmusedScheduler"],
+        **family.model_index, "_diffusers_version": DIFFUSERS_VERSION,
         "text_encoder": ["transformers", type(pipe.text_encoder).__name__],
-        "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
-        "transformer": ["diffusers", "UVit2DModel"], "vqvae": ["diffusers", "VQModel"]})
-    save_model(pipe.transformer, root / "transformer", "UVit2DModel", variant)
+        "tokenizer": ["transformers", type(pipe.tokenizer).__name__]})
+    save_model(pipe.transformer, root / "transformer", family.transformer_class, variant)
     save_model(pipe.vqvae, root / "vqvae", "VQModel", variant)
     package = getattr(pipe.text_encoder, "amused_package", None)
     if package:
@@ -90,7 +150,7 @@ def save_components(pipe, folder: str | os.PathLike, variant: str | None = None)
     if pipe.generation_defaults:
         write_json(root / "generation_config.json", dict(pipe.generation_defaults))
     write_json(root / "scheduler" / "scheduler_config.json",
-               {"_class_name": "AmusedScheduler", "_diffusers_version": "0.42.1",
+               {"_class_name": family.model_index["scheduler"][1], "_diffusers_version": DIFFUSERS_VERSION,
                 **dataclasses.asdict(pipe.scheduler)})
 
 
@@ -125,4 +185,6 @@ def _generation_defaults(data: dict, source: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(REFERENCE_DEFAULTS))
     if unknown:
         raise CheckpointError(f"{source}: unknown keys {unknown}; allowed: {sorted(REFERENCE_DEFAULTS)}")
+    if data.get("sampler", "confidence") not in SAMPLERS:
+        raise CheckpointError(f"{source}: sampler must be one of {', '.join(SAMPLERS)}, got {data['sampler']!r}")
     return data

@@ -136,7 +136,7 @@ def retrieval_scores(neighbours: torch.Tensor, query_rows: list[dict], db_rows: 
 
 @torch.inference_mode()
 def generate(pipe, prompts: list[str], seed: int, guidance_scale: float, temperature, steps: int,
-             batch_size: int) -> torch.Tensor:
+             batch_size: int, sampler: str | None = None) -> torch.Tensor:
     """(N, 3, H, W) images in [0, 1], one per prompt; one generator seeded once, batches in order."""
     from tqdm.auto import tqdm
 
@@ -146,7 +146,7 @@ def generate(pipe, prompts: list[str], seed: int, guidance_scale: float, tempera
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="eval: generate", unit="batch", leave=False):
         images = pipe(prompts[i:i + batch_size], generator=generator, guidance_scale=guidance_scale,
-                      temperature=temperature, num_inference_steps=steps, output_type="np").images
+                      temperature=temperature, num_inference_steps=steps, output_type="np", sampler=sampler).images
         out.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float())  # (B, 3, H, W)
     return torch.cat(out)
 
@@ -174,11 +174,14 @@ def reconstruct(pipe, images: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, guidance_scale: float | None = None,
-             temperature=None, steps: int | None = None, batch_size: int = 32, log=print) -> dict:
+             temperature=None, steps: int | None = None, batch_size: int = 32, log=print,
+             sampler: str | None = None) -> dict:
     """All figures of `amused eval` as a JSON-ready dict (see the module docstring). Sampling settings left as
     None are the model's own defaults (its generation_config.json), as `amused generate` uses them."""
     t0 = time.perf_counter()
     steps, guidance_scale, temperature = pipe.resolve_defaults(steps, guidance_scale, temperature)
+    sampler = pipe.resolve_sampler(sampler)
+    generating = 0.0  # seconds spent generating (the time the sampler settings change)
     rows = load_rows(data_dir)
     log(f"loading {len(rows)} real images ({', '.join(STYLES)}; train + held-out) from {data_dir}")
     images = load_images(data_dir, rows)  # (N, 3, H, W)
@@ -201,7 +204,10 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
         if not idx:
             continue
         log(f"generating {len(idx)} images for the {name} captions")
-        gen = generate(pipe, [rows[i]["text"] for i in idx], seed, guidance_scale, temperature, steps, batch_size)
+        started = time.perf_counter()
+        gen = generate(pipe, [rows[i]["text"] for i in idx], seed, guidance_scale, temperature, steps, batch_size,
+                       sampler)
+        generating += time.perf_counter() - started
         query_rows = [rows[i] for i in idx]
         results["retrieval"][f"generated_{name}"] = retrieval_scores(nearest(features(gen), db), query_rows, rows)
         self_mask = torch.zeros(len(idx), len(rows), dtype=torch.bool)
@@ -221,8 +227,12 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
     results["database"] = {"images": len(rows), "styles": list(STYLES), "feature_space": space}
     results["settings"] = {"num_train": len(train_idx), "num_heldout": len(held_idx), "seed": seed,
                            "guidance_scale": guidance_scale, "steps": steps, "batch_size": batch_size,
+                           "sampler": sampler,
                            "temperature": list(temperature) if isinstance(temperature, (tuple, list)) else temperature}
     results["seconds"] = round(time.perf_counter() - t0, 1)
+    n = len(train_idx) + len(held_idx)
+    results["generation"] = {"images": n, "seconds": round(generating, 2),
+                             "ms_per_image": round(1000 * generating / n, 2) if n else None}
     return results
 
 
@@ -274,7 +284,7 @@ def grid_captions(rows: list[dict], seed: int, per_row: int = 8) -> list[list[di
 
 
 def save_grid(pipe, rows: list[dict], path: str | Path, seed: int, guidance_scale: float, temperature, steps: int,
-              scale: int = 2) -> list[list[str]]:
+              scale: int = 2, sampler: str | None = None) -> list[list[str]]:
     """Generate the sample grid and save it as a PNG: each tile upscaled `scale`x (nearest) over its emoji name
     and style ("held out" marked). Returns the prompts, row by row."""
     from PIL import Image, ImageDraw, ImageFont
@@ -283,7 +293,7 @@ def save_grid(pipe, rows: list[dict], path: str | Path, seed: int, guidance_scal
 
     layout = grid_captions(rows, seed)
     flat = [r for row in layout for r in row]
-    images = generate(pipe, [r["text"] for r in flat], seed, guidance_scale, temperature, steps, len(flat))
+    images = generate(pipe, [r["text"] for r in flat], seed, guidance_scale, temperature, steps, len(flat), sampler)
     font = ImageFont.load_default(size=11)
     tiles = []
     for image, row in zip(images, flat):
@@ -334,14 +344,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = engine.pipe
     steps, guidance_scale, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, temperature)
     results = evaluate(pipe, args.data, num_train=args.num_train, seed=args.seed, guidance_scale=guidance_scale,
-                       temperature=temperature, steps=steps, batch_size=args.batch_size, log=log)
+                       temperature=temperature, steps=steps, batch_size=args.batch_size, log=log,
+                       sampler=args.sampler)
     results["model"] = args.model or "embedded"
     results["data"] = str(args.data)
     if args.grid:
         log(f"sample grid -> {args.grid}")
         results["grid"] = {"path": str(args.grid),
                            "prompts": save_grid(pipe, rows, args.grid, args.seed,
-                                                guidance_scale, temperature, steps)}
+                                                guidance_scale, temperature, steps, sampler=args.sampler)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if args.json:
@@ -377,6 +388,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--out", type=Path, default=Path("eval.json"), help="results JSON (default eval.json)")
     p.add_argument("--grid", type=Path, default=None, help="also save a sample grid PNG here")
+    p.add_argument("--sampler", default=None, choices=["confidence", "halton"],
+                   help="which samples stay revealed each step (default: the model's, else confidence)")
     add_runtime_args(p)
     add_output_args(p)
     p.set_defaults(func=cmd_eval)

@@ -12,7 +12,9 @@ fuse), SDPA attention, a compiled text encoder and VQ decoder, channels-last bf1
     pipe("a red apple")                # same arguments as always
 
 The graph captures `sampling.decode`, the loop the plain path runs, with a compiled whole step
-(`guided_step`: U-ViT, guidance and sampler). The user's generator drives it: its state is copied into the
+(`guided_step`: transformer, guidance and sampler). Meissonic's transformer runs the same way: its per-step
+timestep is an input of the step, as the other per-step numbers, so one compiled graph serves every step. The
+user's generator drives it: its state is copied into the
 graph's generator before a replay and the advanced state copied back after, so a generator reused across calls
 moves on exactly as on the plain path, and the same generator gives the same tokens on both paths (img2img and
 inpainting too). Only a CPU generator, which asks for diffusers' random stream, runs the plain path. Callbacks
@@ -76,8 +78,9 @@ def compile_blocks(pipe) -> None:
 
 def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch.Tensor], total: torch.Tensor,
                 ratio: torch.Tensor, temperature: torch.Tensor, last: torch.Tensor, guidance_scale: float,
-                mask_token_id: int, shape: tuple[int, int, int]) -> sampling.StepResult:
-    """One decoding step of the graph: U-ViT forward, guidance and sampling in one function.
+                mask_token_id: int, shape: tuple[int, int, int], timestep: torch.Tensor | None = None,
+                priority: torch.Tensor | None = None) -> sampling.StepResult:
+    """One decoding step of the graph: transformer forward, guidance and sampling in one function.
 
     Compiled as one graph (`compile="full"`), the logits never leave it: the guidance mix fuses into the
     sampler's softmax, and the model's last kernels fuse with the sampler's first. The random draws come in
@@ -89,11 +92,15 @@ def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch
         grid: (B, L) current tokens; shape: (B, h, w) of the grid.
         draws: the step's `sampling.gumbel_draws`.
         last: 0-d bool tensor, True on the final step (every token is committed).
+        timestep: 0-d tensor, the step's scheduler timestep (Meissonic reads it, the U-ViT ignores it): an input,
+            like `last`, so that one compiled graph serves every step.
+        priority: (L,) Halton reveal priority (order="halton"), or None to rank by confidence.
     """
     B, H, W = shape
-    logits = guided_logits(model, grid.view(B, H, W), ctx, guidance_scale)  # (B, V, h, w)
+    logits = guided_logits(model, grid.view(B, H, W), ctx, guidance_scale, timestep)  # (B, V, h, w)
     logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
-    return sampling.unmask_step(logits, grid, total, ratio, temperature, mask_token_id, last, "gumbel", None, draws)
+    return sampling.unmask_step(logits, grid, total, ratio, temperature, mask_token_id, last, "gumbel", None, draws,
+                                priority)
 
 
 @contextlib.contextmanager
@@ -148,7 +155,8 @@ class FastDecoder:
 
     def __post_init__(self):
         pipe = self.pipe
-        pipe.transformer.fuse_projections() if self.fuse else pipe.transformer.unfuse_projections()
+        if hasattr(pipe.transformer, "fuse_projections"):  # the U-ViT; Meissonic's transformer runs as it is
+            pipe.transformer.fuse_projections() if self.fuse else pipe.transformer.unfuse_projections()
         pipe.vqvae.to(memory_format=torch.channels_last)
         if self.vq_group_norm not in ("chunked", "native"):
             raise ValueError(f"vq_group_norm must be 'chunked' or 'native', got {self.vq_group_norm!r}")
@@ -209,7 +217,8 @@ class FastDecoder:
         return generator is None or generator.device.type == "cuda"
 
     def run(self, *, embeds, micro_conds, guidance_scale, start, num_steps, schedule, temperature, generator,
-            record: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+            record: bool = False, order: str = "confidence"
+            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
         """Replay (capturing first if this shape/settings is new), drawing from `generator`'s stream.
 
         Returns:
@@ -219,14 +228,14 @@ class FastDecoder:
         """
         temperature = tuple(temperature) if isinstance(temperature, (tuple, list)) else temperature
         key = (tuple(start.tokens.shape), tuple(embeds.hidden.shape), num_steps, start.start_step, schedule,
-               temperature, float(guidance_scale), start.total is None, record)
+               temperature, float(guidance_scale), start.total is None, record, order)
         inputs = {"tokens": start.tokens, "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro_conds}
         if start.total is not None:
             inputs["total"] = start.total
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(inputs, guidance_scale, start.start_step, num_steps, schedule,
-                                                     temperature, record)
+                                                     temperature, record, order)
         source = generator if generator is not None else torch.cuda.default_generators[self.pipe.device.index or 0]
         with torch.inference_mode():
             for name, value in inputs.items():
@@ -239,18 +248,19 @@ class FastDecoder:
         return entry.tokens, entry.images, entry.steps
 
     def _program(self, bufs: dict[str, torch.Tensor], guidance_scale, start_step, num_steps, schedule, temperature,
-                 record: bool = False):
+                 record: bool = False, order: str = "confidence"):
         """What the graph holds: the per-call conditioning, then `sampling.decode` (the plain path's loop) with a
         whole step as one function (`guided_step`, compiled), then the VQ decode."""
         model, mask_id = self.pipe.transformer, self.pipe.scheduler.mask_token_id
         B, H, W = shape = tuple(bufs["tokens"].shape)
         device = bufs["tokens"].device
-        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"])  # once per call
+        ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"], grid=(H, W))  # once per call
         draw_shape = (B, H * W, model.config.codebook_size)
 
-        def fused_step(grid, total, ratio, temp, last):
+        def fused_step(grid, step: sampling.StepInputs):
             draws = sampling.gumbel_draws(draw_shape, self.generator, device)  # in the plain path's stream order
-            return self.step(model, grid, ctx, draws, total, ratio, temp, last, guidance_scale, mask_id, shape)
+            return self.step(model, grid, ctx, draws, step.total, step.ratio, step.temperature, step.last,
+                             guidance_scale, mask_id, shape, step.timestep, step.priority)
 
         steps = None
         if record:  # per-step records, written inside the graph
@@ -266,7 +276,7 @@ class FastDecoder:
                                  start_step=start_step, schedule=schedule, temperature=temperature,
                                  total=bufs.get("total"), draw="gumbel", generator=self.generator,
                                  callback=record_step if record else None,
-                                 fused_step=fused_step)
+                                 fused_step=fused_step, order=order)
         return tokens, self._vq_decode(tokens), steps
 
     def _capture(self, inputs, *settings) -> _Graph:

@@ -26,7 +26,7 @@ import torch
 from . import sampling
 from .guidance import guided_logits
 from .images import from_device, output_tensor, to_host
-from .components import REFERENCE_DEFAULTS, SchedulerConfig, load_components, save_components
+from .components import AMUSED, SAMPLERS, Family, SchedulerConfig, load_components, save_components
 from .models.text_encoder import TextEncoder
 from .models.uvit import UViT
 from .models.vqgan import VQGAN
@@ -69,8 +69,13 @@ class AmusedPipeline:
 
     default_schedule: str | None = None  # None: the scheduler's own
     default_strength: float | None = None
+    family: Family = AMUSED  # the transformer and layout (components.py); Meissonic's pipelines set MEISSONIC
+    task: str = "text"  # "text", "img2img" or "inpaint" (tasks.py)
 
     def __init__(self, vqvae: VQGAN, tokenizer, text_encoder, transformer: UViT, scheduler: SchedulerConfig):
+        if not isinstance(transformer, self.family.transformer):
+            raise ValueError(f"transformer is a {type(transformer).__name__}; {type(self).__name__} runs a "
+                             f"{self.family.transformer.__name__}")
         self.vqvae = vqvae
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -106,7 +111,7 @@ class AmusedPipeline:
         if unused:
             raise TypeError(f"from_pretrained got unexpected arguments: {sorted(unused)}")
         parts, defaults = load_components(path_or_id, torch_dtype, variant, allow_pickle, cache_dir, local_files_only,
-                                          device)
+                                          device, cls.family)
         pipe = cls(**parts)
         pipe.generation_defaults = defaults
         return pipe
@@ -117,7 +122,13 @@ class AmusedPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: "AmusedPipeline") -> "AmusedPipeline":
-        """The same components (shared, not copied) behind another task's entry point."""
+        """The same components (shared, not copied) behind another task's entry point, in `pipe`'s model family:
+        `AmusedInpaintPipeline.from_pipe(a Meissonic pipeline)` is a `MeissonicInpaintPipeline` (a subclass), so
+        callers need not know the family."""
+        if pipe.family is not cls.family:
+            from .tasks import pipeline_class
+
+            cls = pipeline_class(pipe.family, cls.task)
         new = cls(pipe.vqvae, pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler)
         new.generation_defaults = pipe.generation_defaults
         new._fast = pipe._fast  # the same modules, so the same graphs serve every task
@@ -214,18 +225,28 @@ class AmusedPipeline:
     # ------------------------------------------------------------------------------------------------------
 
     def logits_fn(self, embeds: PromptEmbeddings, micro_conds: torch.Tensor, guidance_scale: float,
-                  model: Callable | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """tokens (B, h, w) -> guided logits (B, V, h, w), through `model` (default: the U-ViT)."""
+                  model: Callable | None = None, grid: tuple[int, int] | None = None
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(tokens (B, h, w), timestep) -> guided logits (B, V, h, w), through `model` (default: the transformer);
+        `grid`: the (h, w) token grid of the call (Meissonic builds its rotary table for it once)."""
         model = model or self.transformer
-        ctx = model.condition(embeds.hidden, embeds.pooled, micro_conds)  # once per call, not per step
-        return lambda tokens: guided_logits(model, tokens, ctx, guidance_scale)
+        ctx = model.condition(embeds.hidden, embeds.pooled, micro_conds, grid=grid)  # once per call, not per step
+        return lambda tokens, timestep: guided_logits(model, tokens, ctx, guidance_scale, timestep)
 
     def resolve_defaults(self, num_inference_steps, guidance_scale, temperature):
-        """Arguments left as None take the checkpoint's `generation_config.json` values, else diffusers'."""
-        d = {**REFERENCE_DEFAULTS, **self.generation_defaults}
+        """Arguments left as None take the checkpoint's `generation_config.json` values, else the family's
+        reference pipeline's (diffusers' aMUSEd: 12 steps, guidance 10; Meissonic: 48 steps, guidance 9)."""
+        d = {**self.family.defaults, **self.generation_defaults}
         return (d["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
                 d["guidance_scale"] if guidance_scale is None else guidance_scale,
                 tuple(d["temperature"]) if temperature is None else temperature)
+
+    def resolve_sampler(self, sampler: str | None) -> str:
+        """`sampler` checked, or the checkpoint's default (generation_config.json), else "confidence"."""
+        sampler = {**self.family.defaults, **self.generation_defaults}["sampler"] if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        return sampler
 
     def _check_common(self, num_inference_steps, guidance_scale, num_images_per_prompt, output_type):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -258,9 +279,11 @@ class AmusedPipeline:
     def _generate(self, *, prompt, negative_prompt, tokens_fn, height, width, num_inference_steps, guidance_scale,
                   num_images_per_prompt, generator, prompt_embeds, encoder_hidden_states, negative_prompt_embeds,
                   negative_encoder_hidden_states, output_type, return_dict, callback, callback_steps, return_steps,
-                  micro_conditioning_aesthetic_score, micro_conditioning_crop_coord, temperature, schedule):
+                  micro_conditioning_aesthetic_score, micro_conditioning_crop_coord, temperature, schedule,
+                  sampler=None):
         num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps, guidance_scale,
                                                                                  temperature)
+        sampler = self.resolve_sampler(sampler)
         self._check_common(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
         self.check_size(height, width, "height/width")
         guided = guidance_scale > 1.0
@@ -293,7 +316,7 @@ class AmusedPipeline:
             tokens, images, records = self._fast.run(
                 embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance_scale, start=start,
                 num_steps=num_inference_steps, schedule=schedule, temperature=temperature, generator=generator,
-                record=user_callback is not None)
+                record=user_callback is not None, order=sampler)
             tokens = tokens.clone()  # graph outputs are overwritten by the next replay (images: by _finish)
             if records is not None:  # the graph recorded every step; hand them out now, in order
                 B = start.tokens.shape[0]
@@ -301,10 +324,11 @@ class AmusedPipeline:
                     on_step(i, sampling.StepResult(*(records[k][i].view(B, -1).clone()
                                                      for k in ("tokens", "predicted", "confidence"))))
         else:
-            tokens = sampling.decode(self.logits_fn(embeds, micro_conds, guidance_scale), start.tokens,
-                                     num_steps=num_inference_steps, mask_token_id=self.scheduler.mask_token_id,
-                                     start_step=start.start_step, schedule=schedule, temperature=temperature,
-                                     total=start.total, draw=draw, generator=generator, callback=user_callback)
+            logits_fn = self.logits_fn(embeds, micro_conds, guidance_scale, grid=tuple(start.tokens.shape[1:]))
+            tokens = sampling.decode(logits_fn, start.tokens, num_steps=num_inference_steps,
+                                     mask_token_id=self.scheduler.mask_token_id, start_step=start.start_step,
+                                     schedule=schedule, temperature=temperature, total=start.total, draw=draw,
+                                     generator=generator, callback=user_callback, order=sampler)
         images = tokens if output_type == "latent" else self._finish(tokens, images, output_type)
         return AmusedPipelineOutput(images, steps) if return_dict else (images,)
 
@@ -422,7 +446,8 @@ class AmusedPipeline:
                  callback_steps: int = 1, return_steps: bool = False,
                  micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
-                 temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None):
+                 temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None,
+                 sampler: str | None = None):
         """Generate images from text.
 
         Args:
@@ -444,6 +469,8 @@ class AmusedPipeline:
             micro_conditioning_crop_coord: (top, left) crop to condition on.
             temperature: (start, end) of the confidence-noise temperature ramp ((2, 0), or the checkpoint's).
             masking_schedule: "cosine" or "linear" (default: the scheduler's).
+            sampler: which samples stay revealed each step: "confidence" (MaskGIT) or "halton" (a fixed Halton
+                order of positions, Besnier et al. 2025); default: the checkpoint's, else "confidence".
 
         Returns:
             `AmusedPipelineOutput` with `.images`, or a 1-tuple when `return_dict=False`.
@@ -469,7 +496,7 @@ class AmusedPipeline:
                               return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
-                              schedule=masking_schedule)
+                              schedule=masking_schedule, sampler=sampler)
 
 
 @dataclass

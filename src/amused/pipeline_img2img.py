@@ -14,6 +14,8 @@ from .pipeline import AmusedPipeline, StartGrid, broadcast, start_step_for
 class AmusedImg2ImgPipeline(AmusedPipeline):
     """Image-to-image: re-generate a `strength` fraction of an image's tokens."""
 
+    task = "img2img"
+
     def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None, strength: float = 0.5,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
@@ -24,7 +26,7 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
                  micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
                  temperature: float | tuple[float, float] | None = None, masking_schedule: str | None = None,
-                 height: int | None = None, width: int | None = None):
+                 height: int | None = None, width: int | None = None, sampler: str | None = None):
         """Like `AmusedPipeline.__call__`, plus:
 
         Args:
@@ -69,4 +71,4 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
                               return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
-                              schedule=schedule)
+                              schedule=schedule, sampler=sampler)

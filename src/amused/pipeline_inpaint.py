@@ -14,6 +14,8 @@ class AmusedInpaintPipeline(AmusedPipeline):
     """Inpainting: re-generate the tokens under a mask, keep the rest. Linear schedule by default, as the
     reference uses for this task, without changing the shared scheduler."""
 
+    task = "inpaint"
+
     def __call__(self, prompt: str | list[str] | None = None, image: ImageInput = None,
                  mask_image: ImageInput = None, strength: float = 1.0, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
@@ -24,7 +26,8 @@ class AmusedInpaintPipeline(AmusedPipeline):
                  return_dict: bool = True, callback=None, callback_steps: int = 1, return_steps: bool = False,
                  micro_conditioning_aesthetic_score: float = 6,
                  micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
-                 temperature: float | tuple[float, float] | None = None, masking_schedule: str = "linear"):
+                 temperature: float | tuple[float, float] | None = None, masking_schedule: str = "linear",
+                 sampler: str | None = None):
         """Like `AmusedPipeline.__call__`, plus:
 
         Args:
@@ -71,4 +74,4 @@ class AmusedInpaintPipeline(AmusedPipeline):
                               return_steps=return_steps,
                               micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
                               micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
-                              schedule=masking_schedule)
+                              schedule=masking_schedule, sampler=sampler)

@@ -22,6 +22,14 @@ VQ_PRESETS = {
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
 
+# OpenCLIP ViT-H/14 text tower (laion/CLIP-ViT-H-14-laion2B-s32B-b79K: Meissonic's and Monetico's text encoder).
+CLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+              max_position_embeddings=77, projection_dim=1024, hidden_act="gelu")
+# A tiny CLIP for CPU tests of Meissonic's tiny preset (text width 12 = its joint_attention_dim, pooled 16).
+CLIP_TINY_MEISSONIC = dict(vocab_size=516, hidden_size=12, intermediate_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=77, projection_dim=16, bos_token_id=514,
+                           eos_token_id=515, pad_token_id=515)
+
 
 def uvit_config(name: str, **overrides) -> UViTConfig:
     if name not in UVIT_PRESETS:

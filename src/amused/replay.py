@@ -33,6 +33,7 @@ class Recorded:
     lora: str | None
     lora_scale: float
     stream: str | None  # "reference" (CPU generator) or "device"; None in files from older versions
+    sampler: str | None  # "confidence" or "halton"; None in files from older versions (the model's default)
     raw: dict[str, Any]  # the whole record, written again into the replayed image
 
 
@@ -98,6 +99,9 @@ def parse_recorded(text: str | None, source: str) -> Recorded:
     stream = meta.get("stream")
     if stream not in (None, "reference", "device"):
         raise _fail(source, "stream", "must be 'reference' or 'device'", stream)
+    sampler = meta.get("sampler")
+    if sampler not in (None, "confidence", "halton"):
+        raise _fail(source, "sampler", "must be 'confidence' or 'halton'", sampler)
     return Recorded(
         prompts=prompts, batch_index=index, seed=_int(meta, "seed", source, 0, 2**64 - 1, required=True),
         steps=_int(meta, "steps", source, 1, MAX_RECORDED_STEPS),
@@ -105,7 +109,7 @@ def parse_recorded(text: str | None, source: str) -> Recorded:
         negative_prompt=_text(meta, "negative_prompt", source),
         height=_int(meta, "height", source, 1, MAX_RECORDED_SIDE),
         width=_int(meta, "width", source, 1, MAX_RECORDED_SIDE), model=model, lora=_text(meta, "lora", source),
-        lora_scale=_number(meta, "lora_scale", source, -100, 100) or 1.0, stream=stream, raw=meta)
+        lora_scale=_number(meta, "lora_scale", source, -100, 100) or 1.0, stream=stream, sampler=sampler, raw=meta)
 
 
 def confirm_model(recorded: Recorded, model: str | None, lora: str | None, trust: bool, source: str):

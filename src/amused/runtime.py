@@ -30,9 +30,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tasks import TASKS, pipeline_class
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FAST_MODES = ("auto", "off", "graph", "compile")
-TASKS = {"text": "AmusedPipeline", "img2img": "AmusedImg2ImgPipeline", "inpaint": "AmusedInpaintPipeline"}
 # With fast="auto": the plain loop (on-device draws) below GRAPH_FROM_IMAGES images (capturing a graph costs two
 # eager warm-up calls, so one call gains nothing), CUDA graphs of eager kernels below COMPILE_FROM_IMAGES, and
 # compiled graphs from there on (tens of seconds of compilation pay for themselves only over many calls).
@@ -151,9 +152,7 @@ class Engine:
         if name == "text":
             return self.pipe
         if name not in self._tasks:
-            import amused
-
-            self._tasks[name] = getattr(amused, TASKS[name]).from_pipe(self.pipe)
+            self._tasks[name] = pipeline_class(self.pipe.family, name).from_pipe(self.pipe)
         return self._tasks[name]
 
     @classmethod
@@ -208,7 +207,8 @@ def check_seed(seed, name: str = "seed") -> int:
 def load_engine(model: str | None = None, device: str = "auto", dtype: str = "auto", fast: str = "auto",
                 reference_stream: bool = False, expected_images: int = 1, lora: str | None = None,
                 lora_scale: float = 1.0) -> Engine:
-    """Load `model` ("embedded"/None, a folder or a hub id) ready to generate.
+    """Load `model` ("embedded"/None, a folder or a hub id) ready to generate, with the pipeline class its
+    model_index.json names (aMUSEd, or Meissonic / Monetico: `components.family_of`).
 
     Args:
         device, dtype: "auto" or a device / "fp32" | "fp16" | "bf16".
@@ -219,8 +219,7 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
     """
     from transformers.utils import logging as hf_logging
 
-    import amused
-
+    from .components import family_of
     from .embedded import EMBEDDED_NAME, resolve_model_name
 
     torch_device = pick_device(device)
@@ -229,8 +228,8 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
     if torch_device.type == "cpu":
         configure_cpu_threads()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
-    pipe = amused.AmusedPipeline.from_pretrained(resolve_model_name(model), torch_dtype=torch_dtype,
-                                                 device=torch_device)
+    name = resolve_model_name(model)
+    pipe = pipeline_class(family_of(name), "text").from_pretrained(name, torch_dtype=torch_dtype, device=torch_device)
     if lora:
         pipe.load_lora_weights(lora, scale=lora_scale)
     if mode != "off":

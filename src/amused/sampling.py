@@ -7,10 +7,19 @@ everything. `total` is the number of tokens the schedule spreads over: the token
 (the whole grid for text-to-image, the masked region for inpainting) or, for img2img, which enters the
 schedule part-way, the whole grid.
 
-The loop takes a `logits_fn(tokens) -> logits` callable, so guidance, LoRA and compilation wrap the model
-without touching it. It makes no host sync: no `.item()`, no `nonzero()`, no Python branch on a tensor;
-per-step numbers are precomputed tensors indexed by the (static) Python step index, so the whole loop can be
-captured as a CUDA graph.
+The loop takes a `logits_fn(tokens, timestep) -> logits` callable, so guidance, LoRA and compilation wrap the model
+without touching it. `timestep` is the scheduler's timestep of the step, N - 1 - i at step i of N (as diffusers'
+`AmusedScheduler` and Meissonic's `Scheduler` count): Meissonic's transformer is conditioned on it, aMUSEd's
+U-ViT ignores it, so one loop serves both.
+
+It makes no host sync: no `.item()`, no `nonzero()`, no Python branch on a tensor; per-step numbers are
+precomputed tensors indexed by the (static) Python step index, so the whole loop can be captured as a CUDA graph.
+
+Which tokens stay revealed after a step (`order`):
+- "confidence" (MaskGIT): the most confident samples (log-probability + annealed Gumbel noise);
+- "halton" (Besnier et al., 2025, valeoai/Halton-MaskGIT): a fixed low-discrepancy 2-D Halton order of grid
+  positions, the same every call, so that revealed tokens spread evenly over the image; the per-step counts
+  still follow the masking schedule. No retraining: the model is the same, only the choice differs.
 
 Random draws come in two flavours:
 - "reference": `torch.multinomial` then uniform Gumbel noise, drawn in the same order and shapes as diffusers'
@@ -27,6 +36,8 @@ import torch
 
 Schedule = Literal["cosine", "linear"]
 Draw = Literal["reference", "gumbel"]
+Order = Literal["confidence", "halton"]
+ORDERS = ("confidence", "halton")
 
 
 def mask_ratios(num_steps: int, schedule: Schedule = "cosine", device=None) -> torch.Tensor:
@@ -62,6 +73,47 @@ def temperatures(num_steps: int, temperature: float | tuple[float, float] = (2.0
     return torch.linspace(start, end, num_steps, device=device)
 
 
+def step_timesteps(num_steps: int, device=None) -> torch.Tensor:
+    """The scheduler's timestep at each step, N - 1 - i at step i, float32 (N,) (`models.meissonic.reference_timesteps`
+    gives Meissonic's transformer the same numbers). The loop hands `timesteps[i]` to the model, a 0-d tensor
+    indexed by the static step: no sync, and one captured step serves every step."""
+    return torch.arange(num_steps - 1, -1, -1, device=device, dtype=torch.float32)
+
+
+def _radical_inverse(k: torch.Tensor, base: int, digits: int) -> torch.Tensor:
+    """The base-`base` digits of k (int64) mirrored about the point: phi(k) * base**digits, an exact integer."""
+    out = torch.zeros_like(k)
+    for _ in range(digits):
+        out = out * base + k % base
+        k = k // base
+    return out
+
+
+def halton_priority(height: int, width: int, device=None) -> torch.Tensor:
+    """Reveal priority of each row-major grid position in the 2-D Halton order; (height * width,) float32.
+
+    Point k = 1, 2, ... of the Halton sequence (base 2 for the row, base 3 for the column, as Halton-MaskGIT)
+    falls in one cell of the grid; a cell's rank is the first k landing in it, and its priority is -rank, so
+    that it ranks like a confidence (earlier in the order = kept first). 2**a * 3**b points with
+    2**a >= 2 * height and 3**b >= 2 * width cover every cell: each cell then holds a whole elementary box of
+    the Halton net, which holds one point. Integer device ops only (no host sync, capturable in a CUDA graph).
+    """
+    a = max(1, math.ceil(math.log2(2 * height)))
+    b = 1
+    while 3 ** b < 2 * width:
+        b += 1
+    n = 2 ** a * 3 ** b
+    k = torch.arange(1, n + 1, device=device)  # (n,) int64
+    digits2, digits3 = (n + 1).bit_length(), 1
+    while 3 ** digits3 <= n:
+        digits3 += 1
+    rows = _radical_inverse(k, 2, digits2) * height // 2 ** digits2  # floor(phi_2(k) * height), exact
+    cols = _radical_inverse(k, 3, digits3) * width // 3 ** digits3
+    cells = rows * width + cols  # (n,)
+    rank = torch.full((height * width,), n, device=device).scatter_reduce(0, cells, k - 1, "amin")
+    return -rank.float()  # (L,)
+
+
 def gumbel(uniform: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise from U(0, 1) draws, clamped as the reference does."""
     return -torch.log((-torch.log(uniform.clamp(1e-20))).clamp(1e-20))
@@ -86,7 +138,8 @@ class StepResult(NamedTuple):
 def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor, ratio: torch.Tensor,
                 temperature: torch.Tensor, mask_token_id: int, last: bool | torch.Tensor, draw: Draw = "reference",
                 generator: torch.Generator | None = None,
-                draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
+                draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+                priority: torch.Tensor | None = None) -> StepResult:
     """One decoding step.
 
     Args:
@@ -104,6 +157,8 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         draws: for draw="gumbel", the step's uniform draws `gumbel_draws(...)` made beforehand (the same numbers
             as drawing here); a compiled step takes them as inputs, since `torch.compile` cannot trace a
             draw from a private generator.
+        priority: (L,) fixed reveal priority (`halton_priority`) ranking which samples stay revealed instead of
+            their confidence (order="halton"); None ranks by confidence. The random draws are the same either way.
     """
     unknown = tokens == mask_token_id  # (B, L)
     if draw == "reference":
@@ -134,7 +189,8 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
 
     # Known tokens get +inf confidence so they are never re-masked (the reference's finfo.max is only ~11
     # after the log in fp16, so it could re-mask them).
-    confidence = torch.where(unknown, log_p + temperature * gumbel(noise), torch.inf)  # (B, L)
+    score = log_p + temperature * gumbel(noise) if priority is None else priority.expand_as(log_p)
+    confidence = torch.where(unknown, score, torch.inf)  # (B, L)
     n_unknown = unknown.sum(dim=-1, keepdim=True)  # (B, 1)
     mask_len = torch.floor(total[:, None].float() * ratio)
     mask_len = torch.minimum(n_unknown - 1, mask_len.long()).clamp(min=1)  # keep >= 1 masked until the end
@@ -146,20 +202,33 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
     return StepResult(torch.where(last, predicted, kept), predicted, confidence)
 
 
-FusedStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], StepResult]
+class StepInputs(NamedTuple):
+    """What step i hands the model and the sampler: entries of per-call tables indexed by the static step (no sync),
+    so that one captured or compiled step serves every step."""
+
+    total: torch.Tensor  # (B,) tokens the schedule spreads over
+    ratio: torch.Tensor  # 0-d, fraction of `total` left masked after the step
+    temperature: torch.Tensor  # 0-d, confidence-noise temperature
+    last: torch.Tensor  # 0-d bool, True on the final step
+    timestep: torch.Tensor  # 0-d float32, the scheduler's timestep (`step_timesteps`)
+    priority: torch.Tensor | None  # (L,) Halton reveal priority, or None (rank by confidence)
 
 
-def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor] | None, tokens: torch.Tensor, *, num_steps: int,
-           mask_token_id: int, start_step: int = 0, schedule: Schedule = "cosine",
-           temperature: float | tuple[float, float] = (2.0, 0.0), total: torch.Tensor | None = None,
-           draw: Draw = "reference", generator: torch.Generator | None = None,
-           callback: Callable[[int, StepResult], None] | None = None, fused_step: FusedStep | None = None
-           ) -> torch.Tensor:
+FusedStep = Callable[[torch.Tensor, StepInputs], StepResult]
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decode(logits_fn: LogitsFn | None, tokens: torch.Tensor, *, num_steps: int, mask_token_id: int,
+           start_step: int = 0, schedule: Schedule = "cosine", temperature: float | tuple[float, float] = (2.0, 0.0),
+           total: torch.Tensor | None = None, draw: Draw = "reference", generator: torch.Generator | None = None,
+           callback: Callable[[int, StepResult], None] | None = None, fused_step: FusedStep | None = None,
+           order: Order = "confidence") -> torch.Tensor:
     """Run the MaskGIT loop from `start_step` to the end. The one loop: the plain path runs it eagerly, the
     fast path (`amused.fast`) captures this very loop as a CUDA graph with a compiled `fused_step`.
 
     Args:
-        logits_fn: maps a (B, h, w) token grid to (B, V, h, w) logits (guidance already applied).
+        logits_fn: `logits_fn(tokens (B, h, w), timestep 0-d tensor) -> (B, V, h, w)` logits (guidance already
+            applied); `timestep` is `step_timesteps(num_steps)[i]`, which a model may ignore.
         tokens: (B, h, w) starting grid; positions equal to `mask_token_id` are to be generated.
         num_steps: steps of the full schedule.
         mask_token_id: id of the mask token.
@@ -171,30 +240,37 @@ def decode(logits_fn: Callable[[torch.Tensor], torch.Tensor] | None, tokens: tor
         generator: torch.Generator for all random draws.
         callback: called as `callback(step, StepResult)` after every step.
         fused_step: instead of `logits_fn` + `unmask_step`, one callable doing a whole "gumbel" step:
-            `fused_step(grid (B, L), total, ratio, temperature, last: 0-d bool tensor) -> StepResult`, drawing
-            its own `gumbel_draws` from the same generator (the fast path passes a compiled one).
+            `fused_step(grid (B, L), StepInputs) -> StepResult`, drawing its own `gumbel_draws` from the same
+            generator (the fast path passes a compiled one).
+        order: which samples stay revealed: "confidence" (MaskGIT) or "halton" (a fixed Halton order of
+            positions), see the module docstring.
 
     Returns:
         (B, h, w) grid with every token decided.
     """
     if not 0 <= start_step < num_steps:
         raise ValueError(f"start_step must be in [0, {num_steps}), got {start_step}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     B, H, W = tokens.shape
+    device = tokens.device
     grid = tokens.reshape(B, H * W)
     if total is None:
         total = (grid == mask_token_id).sum(dim=-1)
-    ratios = mask_ratios(num_steps, schedule, tokens.device)
-    temps = temperatures(num_steps, temperature, tokens.device)
-    lasts = torch.arange(num_steps, device=tokens.device) == num_steps - 1
+    ratios = mask_ratios(num_steps, schedule, device)
+    temps = temperatures(num_steps, temperature, device)
+    lasts = torch.arange(num_steps, device=device) == num_steps - 1
+    times = step_timesteps(num_steps, device)
+    priority = halton_priority(H, W, device) if order == "halton" else None  # (L,) once per call
     for i in range(start_step, num_steps):
         if fused_step is not None:
-            result = fused_step(grid, total, ratios[i], temps[i], lasts[i])
+            result = fused_step(grid, StepInputs(total, ratios[i], temps[i], lasts[i], times[i], priority))
         else:
-            logits = logits_fn(grid.view(B, H, W))  # (B, V, h, w)
+            logits = logits_fn(grid.view(B, H, W), times[i])  # (B, V, h, w)
             logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
             draws = gumbel_draws(logits.shape, generator, logits.device) if draw == "gumbel" else None
             result = unmask_step(logits, grid, total, ratios[i], temps[i], mask_token_id, i == num_steps - 1, draw,
-                                 generator, draws)
+                                 generator, draws, priority)
         grid = result.tokens
         if callback is not None:
             callback(i, result)

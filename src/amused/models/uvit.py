@@ -360,8 +360,10 @@ class UViT(nn.Module):
                 module.fused_qkv = None
 
     def condition(self, encoder_hidden_states: torch.Tensor, pooled_text_emb: torch.Tensor,
-                  micro_conds: torch.Tensor) -> "Conditioning":
-        """Everything of the forward pass that depends on the text and micro-conditioning only.
+                  micro_conds: torch.Tensor, grid: tuple[int, int] | None = None) -> "Conditioning":
+        """Everything of the forward pass that depends on the text and micro-conditioning only. (`grid`, the
+        token grid of the coming steps, is unused: nothing here depends on it; Meissonic's transformer, which
+        shares this interface, builds its rotary table from it.)
 
         It is the same for every decoding step of a call, so the sampler computes it once and runs
         `forward_tokens` per step: per step that saves ~150 small matmuls at the published size (after
@@ -396,8 +398,10 @@ class UViT(nn.Module):
         return Conditioning(down=list(zip(films[:n_down], contexts[:n_down])), layers=layers,
                             up=list(zip(films[n_down:], contexts[n_down:])))
 
-    def forward_tokens(self, input_ids: torch.Tensor, ctx: "Conditioning") -> torch.Tensor:
-        """(B, h, w) token ids + precomputed conditioning -> (B, codebook_size, h, w) logits."""
+    def forward_tokens(self, input_ids: torch.Tensor, ctx: "Conditioning",
+                       timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, h, w) token ids + precomputed conditioning -> (B, codebook_size, h, w) logits. `timestep` is
+        ignored: aMUSEd is not conditioned on the step (the sampler passes it to every model alike)."""
         B = input_ids.shape[0]
         x = self.down_block(self.embed(input_ids), ctx.down)  # (B, C, h', w')
         _, C, H, W = x.shape

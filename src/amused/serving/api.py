@@ -54,6 +54,9 @@ class Common(BaseModel):
                                          description="classifier-free guidance; > 1 turns it on (model default)")
     temperature: Temperature | tuple[Temperature, Temperature] | None = Field(
         None, description="start of the confidence-noise ramp, or [start, end] (model default)")
+    sampler: Literal["confidence", "halton"] | None = Field(
+        None, description="which samples stay revealed each step: the most confident (MaskGIT) or a fixed Halton "
+                          "order of positions (model default)")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images for this prompt")
     response_format: Literal["json", "png"] | None = Field(
         None, description="'png': the image itself (num_images 1); 'json': base64 PNGs and the settings. "
@@ -285,6 +288,8 @@ class Service:
         options: dict[str, Any] = {"num_inference_steps": int(steps), "guidance_scale": float(guidance),
                                    "temperature": tuple(map(float, temperature)) if isinstance(
                                        temperature, (tuple, list)) else float(temperature)}
+        if body.sampler is not None:  # echoed (and recorded in the PNG) when asked for; else the model's default
+            options["sampler"] = self.pipe.resolve_sampler(body.sampler)
         if task == "text":
             options["height"] = self.check_side(body.height or self.native, "height")
             options["width"] = self.check_side(body.width or self.native, "width")
@@ -313,7 +318,7 @@ class Service:
         settings = {"task": task, "model": self.settings.model_name, "prompt": body.prompt,
                     "negative_prompt": body.negative_prompt or "", "num_images": body.num_images, **options}
         metadata = {k: settings[k] for k in ("task", "model", "prompt", "negative_prompt", "guidance_scale",
-                                             "temperature", "height", "width")}
+                                             "temperature", "height", "width", "sampler") if k in settings}
         metadata["steps"] = options["num_inference_steps"]  # the key `amused generate` writes
         loop = asyncio.get_running_loop()
         job = Job(task, body.prompt, body.negative_prompt or "", body.num_images, body.seed, options,

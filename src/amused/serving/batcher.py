@@ -88,7 +88,8 @@ class Job:
         if self.task != "text" or self.seed is not None:
             return None
         o = self.options
-        return (o["height"], o["width"], o["num_inference_steps"], o["guidance_scale"], o["temperature"])
+        return (o["height"], o["width"], o["num_inference_steps"], o["guidance_scale"], o["temperature"],
+                o.get("sampler"))
 
     def deliver(self, result: JobResult | None = None, error: BaseException | None = None) -> None:
         """Hand the outcome to the waiting request (thread-safe; a no-op when it gave up or the loop closed)."""
@@ -276,8 +277,8 @@ class Batcher:
         seed = head.seed if head.seed is not None else secrets.randbits(63)
         o = head.options
         kwargs = dict(num_inference_steps=o["num_inference_steps"], guidance_scale=o["guidance_scale"],
-                      temperature=o["temperature"], generator=self.engine.generator(seed), output_type="pil",
-                      callback=self._stop_check(batch))
+                      temperature=o["temperature"], sampler=o.get("sampler"), generator=self.engine.generator(seed),
+                      output_type="pil", callback=self._stop_check(batch))
         if len(batch) == 1:  # exactly the Python API's call, so a seed gives the same images here and there
             kwargs.update(prompt=head.prompt, negative_prompt=head.negative_prompt or None,
                           num_images_per_prompt=head.num_images)
