@@ -285,7 +285,7 @@ def test_reduced_precision_decode_that_overflows_falls_back_to_float32(ref_dir, 
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(type(pipe.vqvae), "decode", overflowing)
-        with pytest.warns(UserWarning, match="decoding again in float32"):
+        with pytest.warns(UserWarning, match="decoding this call again in float32"):
             images = pipe("a", num_inference_steps=2, output_type="np").images
     assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
 
