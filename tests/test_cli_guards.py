@@ -80,3 +80,10 @@ def test_from_image_that_is_not_a_record(ref_dir, tmp_path, capsys, text, messag
     assert main(["generate", "--from-image", _png_with(tmp_path, text), "--model", str(ref_dir), "--out",
                  str(tmp_path / "o.png"), "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_inpaint_rect_too_small_names_the_models_token_size(ref_dir, tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    assert main(["inpaint", str(tmp_path / "in.png"), "x", "--rect", "0", "0", "1", "1", "--model", str(ref_dir),
+                 "--device", "cpu", "--out", str(tmp_path / "o.png")]) == 2
+    assert "2x2 px per token" in capsys.readouterr().err  # the tiny model's VQ factor, not the published 16
