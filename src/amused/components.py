@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .embedded import resolve_model_name
 from .loading import DIFFUSERS_VERSION, CheckpointError, load_model, read_json, resolve, save_model, write_json
 from .models.meissonic import MeissonicConfig, MeissonicTransformer
 from .models.text_encoder import packaged_encoder_path, packaged_spec, text_model_class
