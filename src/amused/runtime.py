@@ -164,7 +164,10 @@ class Engine:
 
     def bucket(self, batch: int) -> int:
         """The smallest warmed batch size that holds `batch` images (a batched call is padded up to it, so it
-        replays a graph captured at start instead of capturing a new one); `batch` itself when none does."""
+        replays a graph captured at start instead of capturing a new one); `batch` itself when none does, and on
+        the plain loop, where padding would only add work."""
+        if self.fast == "off":
+            return batch
         return min((b for b in self.warmed if b >= batch), default=batch)
 
     def warm_up(self, batch_sizes=(1,)) -> float:
