@@ -6,6 +6,8 @@ from pathlib import Path
 # from more; several processes on two cores spin against each other otherwise: docs/reliability.md, CPU threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("AMUSED_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", os.environ["AMUSED_NUM_THREADS"])  # subprocesses too: a test that compares
+# a subprocess's training with its own must run both on the same thread count (float sums differ otherwise)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -73,6 +73,10 @@ def test_embedded_model_is_the_default(tmp_path):
     meta = json.loads(image.info["amused"])
     assert meta["model"] == "embedded" and meta["guidance_scale"] == 2.0  # the checkpoint's generation_config
     assert meta["temperature"] == [0.5, 0]
+    named = tmp_path / "named.png"  # `--model embedded` names the same model, as in every other command
+    assert main(["generate", "red apple, openmoji style", "--model", "embedded", "--out", str(named), "--device",
+                 "cpu", "--quiet"]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(named)), np.asarray(image))
 
 
 def test_img2img_inpaint_and_variations_commands(ref_dir, tmp_path, capsys):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .embedded import resolve_model_name
 from .loading import DIFFUSERS_VERSION, CheckpointError, load_model, read_json, resolve, save_model, write_json
 from .models.meissonic import MeissonicConfig, MeissonicTransformer
 from .models.text_encoder import packaged_encoder_path, packaged_spec, text_model_class
@@ -96,7 +97,8 @@ def load_components(path_or_id: str | os.PathLike, torch_dtype: torch.dtype | No
     """The components of a pipeline folder or hub id (arguments as `AmusedPipeline.from_pretrained`'s), and its
     generation defaults (generation_config.json, or {}). A checkpoint of another family is refused, naming the
     pipeline class that loads it."""
-    root = resolve(path_or_id, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
+    root = resolve(resolve_model_name(str(path_or_id)), variant=variant, cache_dir=cache_dir,
+                   local_files_only=local_files_only)  # "embedded": the model shipped in the package
     found = family_of(root)  # fails early, naming the file, if this is not a pipeline folder
     if found is not family:
         raise CheckpointError(f"{root} holds a {found.name} checkpoint (model_index.json); load it with "

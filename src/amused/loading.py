@@ -172,8 +172,8 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
     config = config_from_dict(config_cls, read_json(folder / "config.json"), folder / "config.json")
     path = weights_file(folder, variant=variant, allow_pickle=allow_pickle)
     state = load_state_dict(path, device)
-    with _skip_init():  # uninitialised CPU tensors cost nothing until the checkpoint's replace them (the meta
-        model = model_cls(config)  # device context would import torch._dynamo: seconds of start-up)
+    with _skip_init(), torch.device("meta"):  # no memory and no init until the checkpoint's tensors are assigned
+        model = model_cls(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -77,10 +77,10 @@ def pick_dtype(name: str, device):
 
 
 def configure_cpu_threads() -> int:
-    """Threads torch uses on the CPU. A setting the user gave wins (OMP_NUM_THREADS, AMUSED_NUM_THREADS, or
-    torch.set_num_threads before this call); otherwise one thread per core this process may use, less one
-    when there are more than two (spinning OpenMP threads slow down badly when another job takes a core;
-    benchmarks/cpu_threads.py measures it, docs/results/cpu_threads.json)."""
+    """Threads torch uses on the CPU. A setting the user gave in the environment wins (AMUSED_NUM_THREADS, else
+    OMP_NUM_THREADS); otherwise one thread per core this process may use, less one when there are more than two.
+    `import amused` also makes OpenMP threads wait passively: spinning threads made a call 7-9x slower on two
+    cores another job shared (benchmarks/cpu_threads.py, docs/results/cpu_threads*.json)."""
     import torch
 
     wanted = os.environ.get("AMUSED_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
@@ -164,7 +164,10 @@ class Engine:
 
     def bucket(self, batch: int) -> int:
         """The smallest warmed batch size that holds `batch` images (a batched call is padded up to it, so it
-        replays a graph captured at start instead of capturing a new one); `batch` itself when none does."""
+        replays a graph captured at start instead of capturing a new one); `batch` itself when none does, and on
+        the plain loop, where padding would only add work."""
+        if self.fast == "off":
+            return batch
         return min((b for b in self.warmed if b >= batch), default=batch)
 
     def warm_up(self, batch_sizes=(1,)) -> float:

@@ -10,7 +10,6 @@ across DataLoader workers.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import random
 import re
@@ -18,9 +17,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import PIL.Image
 import torch
 
+from ..images import load_image
 from .data import preprocess, sample_rng
 
 
@@ -74,7 +73,9 @@ def decode_tar_sample(sample: dict[str, Any], source: str) -> dict[str, Any]:
         caption = meta.get("text", meta.get("caption", ""))
     else:
         raise ValueError(f"{source}: sample {sample['__key__']} has no txt/caption/json member")
-    return {"image": PIL.Image.open(io.BytesIO(sample[image_ext])), "caption": caption.strip()}
+    # the one image reader: format and declared size checked before any pixel is decoded
+    image = load_image(sample[image_ext], name=f"{source}: sample {sample['__key__']}")
+    return {"image": image, "caption": caption.strip()}
 
 
 class TarShardStream(torch.utils.data.IterableDataset):
