@@ -108,10 +108,11 @@ def test_load_rows_keeps_three_styles_and_names_data_when_missing(tmp_path):
 def test_grid_layout_has_a_row_per_style_then_held_out(tmp_path):
     rows = ev.load_rows(write_data(tmp_path / "emoji", num_emoji=6, heldout=2))
     layout = ev.grid_captions(rows, seed=0)
-    assert [{r["style"] for r in row} for row in layout[:3]] == [{s} for s in STYLES]
-    assert [r["emoji"] for r in layout[0]] == [r["emoji"] for r in layout[1]]  # same emoji down each column
-    assert len(layout[0]) == 4  # the emoji drawn in all three styles in training, without a skin tone
-    assert all(r["split"] == "heldout" for r in layout[3]) and len(layout[3]) == 2
+    assert [{r["style"] for r in row} for row in layout[:4]] == [{None}] + [{s} for s in STYLES]
+    assert [r["text"] for r in layout[0]] == [r["emoji"] for r in layout[1]]  # the names alone, then styled
+    assert [r["emoji"] for r in layout[1]] == [r["emoji"] for r in layout[2]]  # same emoji down each column
+    assert len(layout[1]) == 4  # the emoji drawn in all three styles in training, without a skin tone
+    assert all(r["split"] == "heldout" for r in layout[4]) and len(layout[4]) == 2
 
 
 @pytest.mark.filterwarnings("ignore:prompt .* is longer")  # the tiny text encoder holds 16 characters
@@ -123,20 +124,24 @@ def test_eval_command_writes_results_and_grid(ref_dir, tmp_path, capsys):
                                 "--device", "cpu"])
     assert args.func(args) == 0
     results = json.loads(out.read_text())
-    assert set(results["retrieval"]) == {"generated_train", "generated_heldout", "random", "real_train",
-                                         "real_heldout", "real_other_styles"}
+    assert set(results["retrieval"]) == {"generated_train", "generated_heldout", "generated_names", "random",
+                                         "real_train", "real_heldout", "real_other_styles"}
+    names = results["retrieval"]["generated_names"]
+    assert names["n"] == 6 and names["style_accuracy"] is None  # every training emoji's name, no style
+    assert [q for q, _ in names["neighbours"]] == [f"emoji {k}" for k in range(6)]
     assert results["psnr"]["heldout"]["n"] == 2 and results["psnr"]["train"]["n"] == 5
     assert results["retrieval"]["generated_train"]["n"] == 5 and results["retrieval"]["random"]["n"] == 7
     # the real image of each caption: another style's near-identical drawing is always nearest
     assert results["retrieval"]["real_other_styles"]["emoji_accuracy"] == 1.0
     for r in results["retrieval"].values():
-        assert 0 <= r["emoji_accuracy"] <= 1 and 0 <= r["style_accuracy"] <= 1 and len(r["neighbours"]) == r["n"]
+        assert 0 <= r["emoji_accuracy"] <= 1 and len(r["neighbours"]) == r["n"]
+        assert r["style_accuracy"] is None or 0 <= r["style_accuracy"] <= 1
     # settings not given are the checkpoint's defaults (this one has no generation_config.json: diffusers')
     assert results["settings"]["temperature"] == [2.0, 0.0] and results["settings"]["guidance_scale"] == 10.0
     assert results["settings"]["steps"] == 2
-    assert PIL.Image.open(grid).size[0] > 0 and len(results["grid"]["prompts"]) == 4
+    assert PIL.Image.open(grid).size[0] > 0 and len(results["grid"]["prompts"]) == 5
     printed = capsys.readouterr().out
-    assert "held-out" in printed and "random token grids" in printed and "dB" in printed
+    assert "held-out" in printed and "random token grids" in printed and "dB" in printed and "names" in printed
 
 
 def test_eval_command_names_missing_data(tmp_path):
@@ -144,3 +149,14 @@ def test_eval_command_names_missing_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="--data .*absent.*amused build-emoji-data"):
         args.func(args)
     assert not (tmp_path / "e.json").exists()
+
+
+def test_names_are_every_training_emoji_once_and_any_style_is_a_hit(tmp_path):
+    rows = ev.load_rows(write_data(tmp_path / "emoji", num_emoji=5, heldout=2))
+    names = ev.name_rows(rows)
+    assert [r["text"] for r in names] == [f"emoji {k}" for k in range(5)]  # skin tones and styles folded
+    assert len(ev.name_rows(rows, 2)) == 2
+    db_rows = [{"emoji": e, "style": s, "text": f"{e}, {s} style"}  # emoji 0 in two styles, emoji 1
+               for e, s in (("emoji 0", "google"), ("emoji 0", "twitter"), ("emoji 1", "google"))]
+    scores = ev.retrieval_scores(torch.tensor([1, 0]), names[:2], db_rows)  # neighbours of "emoji 0", "emoji 1"
+    assert scores["emoji_accuracy"] == 0.5 and scores["style_accuracy"] is None  # emoji 0 hit via twitter

@@ -6,7 +6,10 @@ Two measurements (docs/embedded_model.md gives the embedded model's figures and 
   held-out images and on a fixed sample of training images (the same definition as `amused train-vqgan`).
 - Prompt adherence as top-1 retrieval accuracy: generate one image per caption; its nearest real image (all
   images of the evaluated styles, train + held-out) is a hit when it shows the prompted emoji (same `emoji`
-  field: the base name, so skin-tone variants of one emoji count as the same emoji). The feature space is a
+  field: the base name, so skin-tone variants of one emoji count as the same emoji). Three caption sets:
+  a sample of training captions ("red apple, google style"), the held-out (emoji, style) pairs, and the
+  *names*: every training emoji's base name as a person types it ("red apple", "dog face"; no style, no skin
+  tone), a hit when the neighbour shows that emoji in any style. The feature space is a
   16x16 RGB thumbnail (area-downsampled, on white), centred on its own mean and L2-normalised: the cosine
   is then the Pearson correlation of two thumbnails. Among cheap offline candidates (8 to 32 px thumbnails,
   grey, database- or image-centred, VQGAN encoder latents pooled to 2..16 px) it separated real images from
@@ -111,20 +114,30 @@ def nearest(queries: torch.Tensor, database: torch.Tensor, exclude: torch.Tensor
     return sims.argmax(1)
 
 
+def name_rows(rows: list[dict], limit: int | None = None) -> list[dict]:
+    """The *names* caption set: one query per emoji of the training split, its base name as the prompt (no style,
+    no skin tone), sorted by name; `style` None (any style is a hit). `limit` takes the first names only."""
+    names = sorted({r["emoji"] for r in rows if r["split"] == "train"})
+    return [{"text": name, "emoji": name, "style": None, "skin_tone": None} for name in names[:limit]]
+
+
 def retrieval_scores(neighbours: torch.Tensor, query_rows: list[dict], db_rows: list[dict],
                      exclude: torch.Tensor | None = None) -> dict:
-    """Top-1 accuracies of a retrieval: emoji (same base name), style, the emoji accuracy on captions without a
-    skin tone, and chance (the emoji accuracy of a uniformly random candidate)."""
+    """Top-1 accuracies of a retrieval: emoji (same base name), style (over queries that name one; None when
+    none does), the emoji accuracy on captions without a skin tone, and chance (the emoji accuracy of a
+    uniformly random candidate)."""
     db_emoji = np.array([r["emoji"] for r in db_rows], dtype=object)
     hits, style_hits, plain, chance = [], [], [], []
     for i, (j, row) in enumerate(zip(neighbours.tolist(), query_rows)):
         hits.append(db_rows[j]["emoji"] == row["emoji"])
-        style_hits.append(db_rows[j]["style"] == row["style"])
+        if row.get("style") is not None:
+            style_hits.append(db_rows[j]["style"] == row["style"])
         if not row.get("skin_tone"):
             plain.append(hits[-1])
         allowed = np.ones(len(db_rows), bool) if exclude is None else ~exclude[i].numpy()
         chance.append((db_emoji[allowed] == row["emoji"]).sum() / max(allowed.sum(), 1))
-    return {"n": len(query_rows), "emoji_accuracy": float(np.mean(hits)), "style_accuracy": float(np.mean(style_hits)),
+    return {"n": len(query_rows), "emoji_accuracy": float(np.mean(hits)),
+            "style_accuracy": float(np.mean(style_hits)) if style_hits else None,
             "emoji_accuracy_no_skin_tone": float(np.mean(plain)) if plain else None, "n_no_skin_tone": len(plain),
             "chance": float(np.mean(chance)),
             "neighbours": [[row["text"], db_rows[j]["text"]] for j, row in zip(neighbours.tolist(), query_rows)]}
@@ -175,9 +188,10 @@ def reconstruct(pipe, images: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, guidance_scale: float | None = None,
              temperature=None, steps: int | None = None, batch_size: int = 32, log=print,
-             sampler: str | None = None) -> dict:
+             sampler: str | None = None, num_names: int | None = None) -> dict:
     """All figures of `amused eval` as a JSON-ready dict (see the module docstring). Sampling settings left as
-    None are the model's own defaults (its generation_config.json), as `amused generate` uses them."""
+    None are the model's own defaults (its generation_config.json), as `amused generate` uses them.
+    `num_names`: how many of the names (sorted) to evaluate; None for all of them, 0 for none."""
     t0 = time.perf_counter()
     steps, guidance_scale, temperature = pipe.resolve_defaults(steps, guidance_scale, temperature)
     sampler = pipe.resolve_sampler(sampler)
@@ -215,6 +229,14 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
         results["retrieval"][f"real_{name}"] = retrieval_scores(nearest(db[idx], db, self_mask), query_rows, rows,
                                                                 self_mask)
 
+    names = name_rows(rows, num_names)
+    if names:
+        log(f"generating {len(names)} images for the emoji names (no style)")
+        started = time.perf_counter()
+        gen = generate(pipe, [r["text"] for r in names], seed, guidance_scale, temperature, steps, batch_size, sampler)
+        generating += time.perf_counter() - started
+        results["retrieval"]["generated_names"] = retrieval_scores(nearest(features(gen), db), names, rows)
+
     both = train_idx + held_idx
     both_rows = [rows[i] for i in both]
     log(f"decoding {len(both)} random token grids")
@@ -225,12 +247,13 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
                                                                  same_drawing)
     space = f"{FEATURE_SIZE}x{FEATURE_SIZE} RGB thumbnail (area), centred on its own mean, L2-normalised; cosine"
     results["database"] = {"images": len(rows), "styles": list(STYLES), "feature_space": space}
-    results["settings"] = {"num_train": len(train_idx), "num_heldout": len(held_idx), "seed": seed,
+    results["settings"] = {"num_train": len(train_idx), "num_heldout": len(held_idx), "num_names": len(names),
+                           "seed": seed,
                            "guidance_scale": guidance_scale, "steps": steps, "batch_size": batch_size,
                            "sampler": sampler,
                            "temperature": list(temperature) if isinstance(temperature, (tuple, list)) else temperature}
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    n = len(train_idx) + len(held_idx)
+    n = len(train_idx) + len(held_idx) + len(names)
     results["generation"] = {"images": n, "seconds": round(generating, 2),
                              "ms_per_image": round(1000 * generating / n, 2) if n else None}
     return results
@@ -239,7 +262,8 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
 # ----------------------------------------------------------------------------------------------------------
 # Report and sample grid
 
-ROWS = [("generated", "generated_train", "train"), ("generated", "generated_heldout", "held-out"),
+ROWS = [("generated", "generated_names", "names, no style"), ("generated", "generated_train", "train"),
+        ("generated", "generated_heldout", "held-out"),
         ("random token grids", "random", "train + held-out"), ("real, itself excluded", "real_train", "train"),
         ("real, itself excluded", "real_heldout", "held-out"),
         ("real, own style's drawings excluded", "real_other_styles", "train + held-out")]
@@ -259,21 +283,24 @@ def format_table(results: dict) -> str:
         if r is None:
             continue
         plain = f"{r['emoji_accuracy_no_skin_tone']:.1%}" if r["emoji_accuracy_no_skin_tone"] is not None else "-"
+        style = f"{r['style_accuracy']:.1%}" if r["style_accuracy"] is not None else "-"
         lines.append(f"  {images:<37}{captions:<18}{r['n']:>5}{r['emoji_accuracy']:>8.1%}{plain:>10}"
-                     f"{r['style_accuracy']:>8.1%}{r['chance']:>8.2%}")
+                     f"{style:>8}{r['chance']:>8.2%}")
     return "\n".join(lines)
 
 
 def grid_captions(rows: list[dict], seed: int, per_row: int = 8) -> list[list[dict]]:
     """Rows of the sample grid: GRID_EMOJI (topped up with seeded others drawn in all three styles in training)
-    in each style, then a seeded row of held-out captions of distinct emoji."""
+    by name alone (no style, as a person types it), then in each style, then a seeded row of held-out captions
+    of distinct emoji."""
     train = {(r["emoji"], r["style"]): r for r in rows if r["split"] == "train" and not r.get("skin_tone")}
     full = sorted({e for e, _ in train if all((e, s) in train for s in STYLES)})
     names = [e for e in GRID_EMOJI if e in full]
     rng = np.random.default_rng(seed)
     others = [e for e in full if e not in names]
     names += [others[k] for k in rng.permutation(len(others))[:per_row - len(names)]] if others else []
-    grid = [[train[(e, s)] for e in names[:per_row]] for s in STYLES]
+    plain = [{"text": e, "emoji": e, "style": None, "skin_tone": None, "split": "train"} for e in names[:per_row]]
+    grid = [plain] + [[train[(e, s)] for e in names[:per_row]] for s in STYLES]
     held, seen = [], set()
     for k in rng.permutation(len(rows)).tolist():
         r = rows[k]
@@ -303,7 +330,7 @@ def save_grid(pipe, rows: list[dict], path: str | Path, seed: int, guidance_scal
         tile = Image.new("RGB", (w, picture.height + 30), (255, 255, 255))
         tile.paste(picture, ((w - picture.width) // 2, 0))
         draw = ImageDraw.Draw(tile)
-        tag = row["style"] + (", held out" if row["split"] == "heldout" else "")
+        tag = (row["style"] or "name only") + (", held out" if row["split"] == "heldout" else "")
         if row.get("skin_tone"):
             tag += ", " + row["skin_tone"].replace(" skin tone", "")
         for y, text, colour in ((2, row["emoji"], (0, 0, 0)), (16, tag, (110, 110, 110))):
@@ -331,6 +358,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.num_train < 0 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--num-train must be >= 0, --batch-size and --steps >= 1")
+    if args.num_names is not None and args.num_names < 0:
+        raise ValueError(f"--num-names must be >= 0 (0 skips the names set), got {args.num_names}")
     temperature = None if args.temperature is None else (
         tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0])
     rows = load_rows(args.data)  # fail on a missing --data before loading the model
@@ -340,12 +369,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
-    engine = engine_from_args(args, expected_images=args.num_train + 200)
+    engine = engine_from_args(args, expected_images=args.num_train + 200 + (2000 if args.num_names is None else args.num_names))
     pipe = engine.pipe
     steps, guidance_scale, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, temperature)
     results = evaluate(pipe, args.data, num_train=args.num_train, seed=args.seed, guidance_scale=guidance_scale,
                        temperature=temperature, steps=steps, batch_size=args.batch_size, log=log,
-                       sampler=args.sampler)
+                       sampler=args.sampler, num_names=args.num_names)
     results["model"] = args.model or "embedded"
     results["data"] = str(args.data)
     if args.grid:
@@ -379,6 +408,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--data", type=Path, default=Path("data/emoji"),
                    help="output of `amused build-emoji-data` (default: data/emoji)")
     p.add_argument("--num-train", type=int, default=200, help="training captions sampled (default 200)")
+    p.add_argument("--num-names", type=int, default=None,
+                   help="emoji names (no style) evaluated, the first N sorted; default all of them, 0 skips")
     p.add_argument("--seed", type=int, default=0, help="seeds the caption sample and the generation (default 0)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default: the model's generation_config.json)")
