@@ -84,3 +84,32 @@ def test_perceptual_loss_needs_lpips(data, tmp_path):
     with pytest.raises(RuntimeError, match="lpips"):
         main(["train-vqgan", "--vqgan_config", str(config), "--train_data_dir", str(images), "--resolution", "16",
               "--max_train_steps", "1", "--perceptual_weight", "1", "--output_dir", str(tmp_path)])
+
+
+def test_train_decoder_only_keeps_token_ids_and_improves_reconstruction(data, tmp_path):
+    images, config = data
+    base = tmp_path / "base"
+    common = ["--train_data_dir", str(images), "--resolution", "16", "--train_batch_size", "4", "--logging_steps",
+              "10", "--checkpointing_steps", "0"]
+    main(["train-vqgan", "--vqgan_config", str(config), "--max_train_steps", "20", "--learning_rate", "2e-3",
+          "--eval_steps", "20", "--output_dir", str(base), *common])
+    out = tmp_path / "decoder"
+    main(["train-vqgan", "--pretrained_model_name_or_path", str(base / "vqvae"), "--train_decoder_only",
+          "--max_train_steps", "40", "--learning_rate", "2e-3", "--eval_steps", "40", "--output_dir", str(out), *common])
+    before = load_model(VQGAN, VQGANConfig, base / "vqvae")
+    after = load_model(VQGAN, VQGANConfig, out / "vqvae")
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(before.encode(x), after.encode(x))  # the same tokens: transformers trained on them stay valid
+    for name, value in before.state_dict().items():
+        changed = not torch.equal(value, after.state_dict()[name])
+        assert changed == name.startswith(("decoder.", "post_quant_conv.")) or "norm" in name and not changed, name
+    # the decoder alone keeps learning where the base run stopped
+    assert read(out / "logs" / "train_log.jsonl")[-1]["rec_loss"] < read(base / "logs" / "train_log.jsonl")[-1]["rec_loss"]
+
+
+def test_train_decoder_only_refuses_a_new_vqgan_and_code_restarts(data, tmp_path):
+    images, config = data
+    common = ["--train_data_dir", str(images), "--resolution", "16", "--max_train_steps", "1", "--output_dir",
+              str(tmp_path / "x"), "--train_decoder_only"]
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path"):
+        main(["train-vqgan", "--vqgan_config", str(config), *common])

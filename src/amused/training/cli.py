@@ -223,6 +223,10 @@ def add_commands(subparsers) -> None:
     g.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
     g.add_argument("--restart_dead_codes_every", type=int, default=0,
                    help="re-seed codes unused for this many steps from encoder outputs (0: off)")
+    g.add_argument("--train_decoder_only", action="store_true",
+                   help="continue a VQGAN (--pretrained_model_name_or_path) training only post_quant_conv and the "
+                        "decoder: encoder and codebook stay fixed, so token ids and every transformer trained on "
+                        "them stay valid while reconstructions improve")
     g = p.add_argument_group("evaluation")
     g.add_argument("--validation_data_dir", help="held-out image folder (default: --validation_split of the data)")
     g.add_argument("--validation_split", type=float, default=0.05)

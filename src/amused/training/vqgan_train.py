@@ -136,6 +136,18 @@ def build_vqgan(args) -> VQGAN:
     return VQGAN(cfg)
 
 
+def freeze_tokenizer(vq: VQGAN, args) -> None:
+    """--train_decoder_only: encoder, quant_conv and codebook keep their weights (so every image keeps its token
+    ids); post_quant_conv and the decoder train."""
+    if not args.pretrained_model_name_or_path:
+        raise ValueError("--train_decoder_only continues a trained VQGAN: give --pretrained_model_name_or_path")
+    if args.restart_dead_codes_every:
+        raise ValueError("--train_decoder_only keeps the codebook fixed: drop --restart_dead_codes_every")
+    for module in (vq.encoder, vq.quant_conv, vq.quantize):
+        module.requires_grad_(False)
+        module.eval()  # nothing in them changes with train/eval today; frozen parts stay in eval all the same
+
+
 class Subset:
     def __init__(self, source, indices: list[int]):
         self.source, self.indices = source, indices
@@ -191,7 +203,9 @@ def run(args) -> dict[str, float]:
     perceptual = lpips_loss(device) if args.perceptual_weight > 0 else None
     if args.use_8bit_adam:
         raise ValueError("train-vqgan uses torch AdamW; drop --use_8bit_adam")
-    opt = torch.optim.AdamW(vq.parameters(), lr=args.learning_rate, betas=(0.5, 0.9),
+    if getattr(args, "train_decoder_only", False):
+        freeze_tokenizer(vq, args)
+    opt = torch.optim.AdamW([p for p in vq.parameters() if p.requires_grad], lr=args.learning_rate, betas=(0.5, 0.9),
                             weight_decay=args.adam_weight_decay)
     model, opt = accelerator.prepare(WithLatents(vq), opt)
     if use_disc:
