@@ -253,13 +253,19 @@ def run(presets=("meissonic",), steps=(48, 64), batches=(1, 4), dtypes=("fp16", 
 
 
 def _git_commit(path: Path) -> str | None:
+    """The reference checkout's commit: its own git repository's HEAD, else a COMMIT file beside src/ (an exported
+    tree: `git archive` writes none); never the HEAD of a repository that merely contains the folder."""
     import subprocess
 
     try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        top = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.split()
+        if Path(top[0]).resolve() == Path(path).resolve():
+            return top[1]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        pass
+    stamp = Path(path) / "COMMIT"
+    return stamp.read_text().strip() if stamp.is_file() else None
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
