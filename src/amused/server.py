@@ -8,12 +8,14 @@ This module holds the settings, the command and the `create_app` factory; it imp
 `amused --help` stays fast and works without the serving extras. The work is in `amused.serving`:
     serving/batcher.py: the worker thread that owns the pipeline and groups queued requests into batches;
     serving/api.py: request/response schemas, routes, error mapping, the body-size limit.
+    serving/ray_app.py: `amused serve --replicas N`, the same app on N Ray Serve replicas (docs/serving_ray.md).
 docs/http_api.md describes the API, the batching and seed rules, and the load-test figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ EXAMPLES = """examples:
   curl -s 127.0.0.1:8000/v1/generate -H 'content-type: application/json' \\
        -d '{"prompt": "red apple, openmoji style", "seed": 0}' -H 'accept: image/png' -o apple.png
   curl -s 127.0.0.1:8000/health
+  amused serve --replicas 8                       # the same API on Ray Serve: one replica per GPU
 
 The server binds to 127.0.0.1 unless --host says otherwise; it has no authentication, so put it behind a
 proxy that has before exposing it.
@@ -85,26 +88,56 @@ def warmup_sizes(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted({1, max_batch}))
 
 
+def settings_from_args(args: argparse.Namespace, model_name: str) -> ServerSettings:
+    return ServerSettings(model_name=model_name, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                          max_queue=args.max_queue, timeout_s=args.timeout_s,
+                          max_body_bytes=int(args.max_body_mb * 2**20), max_side=args.max_side,
+                          max_work=args.max_work, warmup=() if args.no_warmup else warmup_sizes(args.max_batch),
+                          host=args.host, allowed_hosts=tuple(args.allowed_host),
+                          allowed_origins=tuple(args.allow_origin))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"amused serve: warning: listening on {args.host}; the API has no authentication")
+    if args.replicas is not None:
+        return serve_replicas(args)
+    if args.max_ongoing_requests is not None:
+        raise ValueError("--max-ongoing-requests is a Ray Serve setting: use it with --replicas")
     import uvicorn
 
     from .runtime import engine_from_args
 
     engine = engine_from_args(args, expected_images=10**6)  # a server lives long: "auto" compiles
-    settings = ServerSettings(model_name=engine.model_name, max_batch=args.max_batch,
-                              batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
-                              timeout_s=args.timeout_s, max_body_bytes=int(args.max_body_mb * 2**20),
-                              max_side=args.max_side, max_work=args.max_work,
-                              warmup=() if args.no_warmup else warmup_sizes(args.max_batch), host=args.host,
-                              allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allow_origin))
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"amused serve: warning: listening on {args.host}; the API has no authentication")
+    settings = settings_from_args(args, engine.model_name)
     app = create_app(engine, settings)
     print(f"amused serve: {settings.model_name} on {engine.device} (fast path: {engine.fast}), "
           f"http://{args.host}:{args.port} (docs: /docs); warming up batch sizes {list(settings.warmup)} "
           f"(/health says when ready)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     return 0
+
+
+def serve_replicas(args: argparse.Namespace) -> int:
+    """`amused serve --replicas N`: the same app on Ray Serve, one engine per replica (serving/ray_app.py)."""
+    try:
+        from .serving import ray_app
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("ray"):
+            raise
+        raise ValueError("--replicas runs on Ray Serve, which is not installed: pip install 'amused-mim[serve-ray]'"
+                         ) from None
+    max_ongoing = ray_app.check_options(args.replicas, args.max_ongoing_requests, args.max_batch)
+    settings = settings_from_args(args, args.model or "embedded")
+    # Ray sheds (503) once every replica holds max_ongoing requests and the proxy max_queue more, so the
+    # replica's own queue bound never bites first.
+    settings = dataclasses.replace(settings, max_queue=max_ongoing)
+    options = ray_app.RayOptions(replicas=args.replicas, max_ongoing_requests=max_ongoing,
+                                 max_queued_requests=args.max_queue, host=args.host, port=args.port,
+                                 log_level=args.log_level, access_log=args.access_log)
+    engine_kwargs = dict(model=args.model, device=args.device, dtype=args.dtype, fast=args.fast,
+                         reference_stream=args.reference_stream, expected_images=10**6)
+    return ray_app.run(engine_kwargs, settings, options)
 
 
 def add_command(subparsers) -> None:
@@ -140,6 +173,13 @@ def add_command(subparsers) -> None:
                    help="log every request (default: on)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip capturing the batch sizes at start (the first requests of each size pay for it)")
+    ray = p.add_argument_group("several replicas (Ray Serve; pip install 'amused-mim[serve-ray]', docs/serving_ray.md)")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="serve with N Ray Serve replicas, one engine each (one GPU each on CUDA; an equal share of "
+                          "the CPUs otherwise); default: the one-process server")
+    ray.add_argument("--max-ongoing-requests", type=int, default=None, metavar="N",
+                     help="requests one replica holds (running, batching or queued); when every replica holds "
+                          "them, --max-queue more wait in Ray's proxy and the rest get 503 (default: 2 x --max-batch)")
     p.set_defaults(func=cmd_serve)
 
 
