@@ -83,8 +83,14 @@ def test_models_are_built_on_the_meta_device_so_config_size_costs_no_memory(ckpt
     assert spies[:2] == [f"read {ckpt / 'transformer' / 'diffusion_pytorch_model.safetensors'}", "UViT"]
 
 
-def test_text_encoder_config_that_does_not_fit_its_weights_is_a_checkpoint_error(ckpt):
-    edit_config(ckpt / "text_encoder", hidden_size=10**6)
+def test_text_encoder_config_that_does_not_fit_its_weights_is_a_checkpoint_error(ckpt, monkeypatch):
+    edit_config(ckpt / "text_encoder", hidden_size=10**6)  # refused before anything is allocated
+    with pytest.raises(CheckpointError, match="text_encoder/config.json: hidden_size=1000000 is outside"):
+        AmusedPipeline.from_pretrained(ckpt)
+    edit_config(ckpt / "text_encoder", hidden_size=16)  # in range, but the weights are 8 wide
+    with pytest.raises(CheckpointError, match="text_encoder/model.safetensors: .* has shape"):
+        AmusedPipeline.from_pretrained(ckpt)
+    monkeypatch.setenv("AMUSED_TEXT_BACKEND", "transformers")  # the same file through transformers
     with pytest.raises(CheckpointError, match="text encoder"):
         AmusedPipeline.from_pretrained(ckpt)
 

@@ -49,7 +49,6 @@ def reference_pipeline(pipe):
         import diffusers
     except ImportError:
         return None
-    import copy
     import dataclasses
 
     t_cfg = dataclasses.asdict(pipe.transformer.config)
@@ -58,12 +57,30 @@ def reference_pipeline(pipe):
     transformer.load_state_dict(pipe.transformer.state_dict())
     vqvae = diffusers.VQModel(**v_cfg)
     vqvae.load_state_dict(pipe.vqvae.state_dict())
-    text_encoder = copy.deepcopy(pipe.text_encoder)  # its own, so that compiling ours does not speed it up
-    ref = diffusers.AmusedPipeline(vqvae=vqvae, tokenizer=pipe.tokenizer, text_encoder=text_encoder,
+    tokenizer, text_encoder = reference_text(pipe)
+    ref = diffusers.AmusedPipeline(vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder,
                                    transformer=transformer,
                                    scheduler=diffusers.AmusedScheduler(mask_token_id=pipe.scheduler.mask_token_id))
     ref.set_progress_bar_config(disable=True)
     return ref.to(pipe.device, pipe.dtype)
+
+
+def reference_text(pipe):
+    """transformers' tokenizer and text model over `pipe`'s (the reference's own copies: compiling ours does not
+    speed it up). amused's own CLIP classes have transformers' key names, so the weights load as they are."""
+    import copy
+
+    if type(pipe.text_encoder).__module__.startswith("transformers"):
+        return pipe.tokenizer, copy.deepcopy(pipe.text_encoder)
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+        pipe.text_encoder.save_pretrained(Path(tmp) / "text_encoder")
+        model_cls = getattr(transformers, type(pipe.text_encoder).__name__)
+        text_encoder = model_cls.from_pretrained(Path(tmp) / "text_encoder", dtype=pipe.text_encoder.dtype)
+    return tokenizer, text_encoder.to(next(pipe.text_encoder.parameters()).device).eval()
 
 
 def held_bytes(*modules) -> int:

@@ -2,9 +2,9 @@
 (viiika/Meissonic `src/pipeline.py`) on the same random weights, in the same run.
 
 The reference is not on PyPI: `--reference-path` names a checkout, whose `src/` is imported from there (nothing of
-it is copied here). Its transformer and diffusers `VQModel` load our state dicts (the parameter names are the
-same), its text encoder is a copy of ours. Both get the same prompts, sizes, steps and guidance; each row times
-one call (prompt encoding, every step, VQ decode, images to the host) as `amused bench` does for aMUSEd.
+it is copied here). Its transformer, diffusers `VQModel` and transformers' text model load our state dicts (the
+parameter names are the same). Both get the same prompts, sizes, steps and guidance; each row times one call (prompt
+encoding, every step, VQ decode, images to the host) as `amused bench` does for aMUSEd.
 
 Published shapes: Meissonic 1024 px (64x64 tokens, 32x32 in the blocks), Monetico 512 px (32x32 tokens); CLIP-ViT-H
 text tower; 48 steps (the pipeline's default) and 64 (its inference scripts'); batch 1 and 4; fp16 and bf16.
@@ -12,7 +12,6 @@ text tower; 48 steps (the pipeline's default) and 64 (its inference scripts'); b
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import platform
@@ -25,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .bench import PROMPTS, held_bytes, matmul_tflops, timed
+from .bench import PROMPTS, held_bytes, matmul_tflops, reference_text, timed
 
 # name: (transformer preset, VQ config factory, text tower, side in pixels)
 PRESETS = {
@@ -138,7 +137,8 @@ def reference_pipeline(pipe, ref: SimpleNamespace, task: str = "text"):
     vqvae = diffusers.VQModel(**vq_config)
     vqvae.load_state_dict(pipe.vqvae.state_dict())
     cls = {"text": ref.Pipeline, "img2img": ref.Img2ImgPipeline, "inpaint": ref.InpaintPipeline}[task]
-    out = cls(vqvae=vqvae, tokenizer=pipe.tokenizer, text_encoder=copy.deepcopy(pipe.text_encoder),
+    tokenizer, text_encoder = reference_text(pipe)
+    out = cls(vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder,
               transformer=transformer, scheduler=ref.Scheduler(mask_token_id=pipe.scheduler.mask_token_id))
     out.set_progress_bar_config(disable=True)
     out.transformer.to(pipe.device, pipe.dtype)

