@@ -25,7 +25,7 @@ def pipe(ref_dir):
 
 
 def test_work_over_the_bound_is_422_before_it_runs(pipe):
-    with TestClient(create_app(pipe, ServerSettings(max_work=8 * 8 * 4 * 2)), base_url=LOCAL) as client:
+    with TestClient(create_app(pipe, ServerSettings(max_work=8 * 8 * 2 * (4 + 4))), base_url=LOCAL) as client:
         ok = client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": 4, "num_images": 2})
         assert ok.status_code == 200, ok.text
         big = client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": 5, "num_images": 2})
@@ -33,7 +33,7 @@ def test_work_over_the_bound_is_422_before_it_runs(pipe):
         assert client.get("/health").json()["stats"]["pipeline_calls"] == 1  # the refused one never ran
     default = ServerSettings()  # default bound: twice a full default batch at the native size
     with TestClient(create_app(pipe, default), base_url=LOCAL) as client:
-        assert client.get("/health").json()["max_work"] == 2 * 8 * 8 * 12 * default.max_batch
+        assert client.get("/health").json()["max_work"] == 2 * 8 * 8 * (12 + 4) * default.max_batch  # 4: the decode
 
 
 @pytest.mark.parametrize("headers,allowed", [
@@ -111,3 +111,22 @@ def test_a_job_whose_client_left_is_dropped_before_it_runs(pipe):
     finally:
         batcher.stop()
     assert calls == ["first"] and batcher.stats["dropped"] == 1
+
+
+@pytest.mark.parametrize("field,value,status", [("seed", True, 422), ("num_inference_steps", True, 422),
+                                                ("num_images", False, 422), ("temperature", [True, 0], 422),
+                                                ("seed", "3", 200), ("num_inference_steps", "2", 200)])
+def test_true_and_false_are_not_numbers_but_digit_strings_are(pipe, field, value, status):
+    with TestClient(create_app(pipe), base_url=LOCAL) as client:  # pydantic alone reads true as 1
+        r = client.post("/v1/generate", json={"prompt": "a", field: value})
+    assert r.status_code == status, r.text
+    if status == 422:
+        assert field in r.json()["message"] and "true/false" in r.json()["message"]
+
+
+def test_work_counts_each_images_decode(pipe):
+    with TestClient(create_app(pipe, ServerSettings(max_work=8 * 8 * 2 * (1 + 4))), base_url=LOCAL) as client:
+        assert client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": 1, "num_images": 2}
+                           ).status_code == 200
+        big = client.post("/v1/generate", json={"prompt": "a", "num_inference_steps": 1, "num_images": 3})
+        assert big.status_code == 422 and "(num_inference_steps + 4)" in big.json()["message"]

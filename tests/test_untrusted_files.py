@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 
 import numpy as np
@@ -420,3 +421,131 @@ def test_text_encoder_classes_and_lengths_are_checked(tmp_path):
         with pytest.raises(ValueError, match="max_length .* at least 2"):
             TextEncoder(tiny_text_encoder(), tokenizer, max_length=length)
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Found by scripts/attack_set.py: checkpoints with non-finite weights or defaults, sizes past the token limit
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("component,weights", [("transformer", "diffusion_pytorch_model.safetensors"),
+                                               ("vqvae", "diffusion_pytorch_model.safetensors"),
+                                               ("text_encoder", "model.safetensors")])
+def test_weights_holding_nan_are_refused_when_loaded(ref_dir, tmp_path, component, weights):
+    from amused import AmusedPipeline
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ref_dir, ckpt)
+    path = ckpt / component / weights
+    state = load_file(str(path))
+    key = sorted(k for k, v in state.items() if v.is_floating_point())[-1]
+    state[key][..., 0] = float("nan")  # one value: it used to surface as "probability tensor contains nan"
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{component}.*{key.rpartition('.')[0]}.* holds NaN or infinite"):
+        AmusedPipeline.from_pretrained(ckpt)
+
+
+def test_logits_that_overflow_are_a_floating_point_error_not_a_sampler_crash(ours):
+    with torch.no_grad():
+        for p in ours.transformer.parameters():
+            p.fill_(1e30)  # finite weights whose logits overflow to inf
+    with pytest.raises(FloatingPointError, match="logits are not finite"):
+        ours("x", num_inference_steps=2, height=8, width=8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("defaults,problem", [({"num_inference_steps": 10**9}, "num_inference_steps"),
+                                              ({"num_inference_steps": True}, "num_inference_steps"),
+                                              ({"guidance_scale": float("nan")}, "guidance_scale"),
+                                              ({"temperature": "hot"}, "temperature"),
+                                              ({"temperature": [2, -1]}, "temperature")])
+def test_generation_defaults_are_checked_when_read(ref_dir, tmp_path, defaults, problem):
+    from amused import AmusedPipeline
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ref_dir, ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps(defaults))
+    with pytest.raises(CheckpointError, match=f"generation_config.json: {problem}"):
+        AmusedPipeline.from_pretrained(ckpt)
+
+
+def test_sizes_past_the_token_limit_are_refused_before_anything_is_allocated(ours):
+    ours.check_size(512, 8, "height/width")  # 256 tokens a side of 2 px: the tiny model's largest
+    for height, width in ((516, 8), (2**16, 2**16)):
+        with pytest.raises(ValueError, match="at most 512 pixels a side for this model"):
+            ours("x", height=height, width=width, num_inference_steps=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training data: `datasets` rows, tar shards, metadata and index files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_datasets_rows_reach_the_one_image_reader_undecoded(tmp_path, no_decoding, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+    rows = {"30000x30000": bomb(30000, 30000), "9000x9000": bomb(9000, 9000), "not a PNG, JPEG or WebP": eps}
+    datasets.Dataset.from_dict({"image": [{"bytes": raw, "path": None} for raw in rows.values()],
+                                "text": list(rows)}).cast_column("image", datasets.Image()).save_to_disk(
+        str(tmp_path / "rows"))
+    records = data.Records(data.load_hf_dataset(str(tmp_path / "rows")))  # `datasets` used to decode them first
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started (Ghostscript)"))
+    for i, problem in enumerate(rows):
+        with pytest.raises(ImageError, match=f"^dataset row {i} 'image': .*{problem}"):
+            records[i]
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, raw in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return buffer.getvalue()
+
+
+GOOD_PNG = png_bytes(PIL.Image.new("RGB", (8, 8)))
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"hello world\n" * 100, "not a readable tar file"),
+    (_tar([("0000.png", GOOD_PNG), ("0000.txt", b"x" * 1000)])[:2000], "not a readable tar file"),  # in the data
+    (b"\x1f\x8b\x08\x00" + bytes(range(200)), "not a readable tar file"),
+    (_tar([("0000.png", GOOD_PNG), ("0000.txt", b"x" * 2000)]), "'0000.txt' declares 2,000 bytes, over the limit"),
+    (_tar([("0000.png", GOOD_PNG), ("0000.json", b"{oops")]), "sample 0000: unreadable caption"),
+    (_tar([("0000.png", GOOD_PNG), ("0000.txt", b"\xff\xfe")]), "sample 0000: unreadable caption"),
+])
+def test_broken_tar_shards_are_one_line_errors_naming_the_shard(tmp_path, monkeypatch, content, problem):
+    from amused.training import shards
+
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 1024)  # a gzip bomb's member is refused by its header
+    (tmp_path / "s.tar").write_bytes(content)
+    with pytest.raises(ValueError, match=f"s.tar.*{problem}") as e:
+        next(iter(shards.TarShardStream([str(tmp_path / "s.tar")], resolution=8, batch_size=1)))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("file_name", ["../outside.png", "sub/../../outside.png", "/abs/outside.png", 5])
+def test_image_folder_metadata_cannot_point_outside_the_folder(tmp_path, file_name):
+    (tmp_path / "outside.png").write_bytes(GOOD_PNG)
+    (tmp_path / "data").mkdir()
+    if file_name == "/abs/outside.png":
+        file_name = str(tmp_path / "outside.png")
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": file_name, "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="metadata.jsonl row 1: file_name must be a path relative to the folder"):
+        data.ImageFolder(tmp_path / "data")
+
+
+@pytest.mark.parametrize("index,shard,problem", [
+    ("{oops", None, "index.json: not an index"),
+    ('{"shards": 5}', None, "index.json: not an index"),
+    ('{"shards": [{"file": "../x.safetensors", "num_samples": 1}]}', None, "index.json: not an index"),
+    ('{"shards": [{"file": "s.safetensors", "num_samples": 1}]}', struct.pack("<Q", 2**40) + b"{}",
+     "pre-encoded shard .*s.safetensors: unreadable"),
+])
+def test_broken_preencoded_folders_are_errors_naming_the_file(tmp_path, index, shard, problem):
+    (tmp_path / "index.json").write_text(index)
+    if shard is not None:
+        (tmp_path / "s.safetensors").write_bytes(shard)
+    with pytest.raises(ValueError, match=problem):
+        data.PreencodedDataset(tmp_path)[0]

@@ -290,7 +290,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
     kwargs = sampling_kwargs(args)
     kwargs.pop("height"), kwargs.pop("width")
     if args.width or args.height:
-        source = source.resize((args.width or source.width, args.height or source.height), Image.LANCZOS)
+        from .images import max_image_pixels
+
+        size = (args.width or source.width, args.height or source.height)
+        if min(size) < 1 or size[0] * size[1] > max_image_pixels():
+            raise ValueError(f"--width/--height {size[0]}x{size[1]}: the resized input must have 1 to "
+                             f"{max_image_pixels():,} pixels")
+        source = source.resize(size, Image.LANCZOS)
     if args.command == "inpaint":
         if getattr(args, "extend", None) is not None:  # outpainting: a wider canvas, its new border masked
             if args.mask is not None or args.rect is not None:
@@ -432,9 +438,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"amused {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as e:
+        close_progress_bars()
+        print(f"amused {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # RuntimeError: only the allocators' out-of-memory errors
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate" not in str(e):
+            raise
+        close_progress_bars()
+        print(f"amused {args.command}: error: out of memory ({error_line(e)[:200] or 'MemoryError'}); ask for "
+              f"fewer or smaller images, or a smaller --batch-size", file=sys.stderr)
+        return 2
+
+
+def close_progress_bars() -> None:
+    """End the progress bars a failed command left open (training's), so that its error starts a line of its own
+    and is the last line printed (tqdm would print the bar again at exit)."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def error_line(error: BaseException) -> str:
+    """An error as one line. An error from a DataLoader worker arrives wrapped ("Caught ImageError in DataLoader
+    worker process 0. Original Traceback ..."): its last line is the original error."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        kind, _, message = last.partition(": ")
+        text = message if message and kind.split(".")[-1].isidentifier() else last
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from .embedded import resolve_model_name
-from .loading import DIFFUSERS_VERSION, CheckpointError, load_model, read_json, resolve, save_model, write_json
+from .loading import (DIFFUSERS_VERSION, CheckpointError, check_finite, load_model, read_json, resolve, save_model,
+                      write_json)
 from .models.clip_text import load_clip_text, native_architecture
 from .models.clip_tokenizer import CLIPTokenizer
 from .models.meissonic import MeissonicConfig, MeissonicTransformer
@@ -225,8 +227,11 @@ def _load_with_transformers(model_cls, model_dir: Path, tokenizer_dir: Path, var
         with _quiet_transformers():  # our own components load without a progress bar; so does this one
             model = model_cls.from_pretrained(model_dir, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: config and weights disagree in shape
-        raise CheckpointError(f"cannot load the text encoder or tokenizer under {where}: {e}") from e
+    except Exception as e:  # noqa: BLE001 (transformers raises many kinds: OSError, ValueError, its own config
+        # validation errors, RuntimeError when config and weights disagree in shape); one line, naming the folder
+        raise CheckpointError(f"cannot load the text encoder or tokenizer under {where}: "
+                              f"{' '.join(str(e).split())[:500]}") from e
+    check_finite(model.state_dict(), model_dir)
     return tokenizer, model.eval()
 
 
@@ -244,10 +249,30 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
+MAX_DEFAULT_STEPS = 1000  # a checkpoint's default step count; past it, one image would run for hours
+
+
 def _generation_defaults(data: dict, source: Path) -> dict[str, Any]:
+    """generation_config.json, checked as strictly as the command line's flags (a checkpoint is untrusted)."""
     unknown = sorted(set(data) - set(REFERENCE_DEFAULTS))
     if unknown:
         raise CheckpointError(f"{source}: unknown keys {unknown}; allowed: {sorted(REFERENCE_DEFAULTS)}")
     if data.get("sampler", "confidence") not in SAMPLERS:
         raise CheckpointError(f"{source}: sampler must be one of {', '.join(SAMPLERS)}, got {data['sampler']!r}")
+    steps = data.get("num_inference_steps", 12)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DEFAULT_STEPS:
+        raise CheckpointError(f"{source}: num_inference_steps must be a whole number in [1, {MAX_DEFAULT_STEPS}], "
+                              f"got {steps!r:.80}")
+    guidance = data.get("guidance_scale", 1.0)
+    if not _finite_number(guidance):
+        raise CheckpointError(f"{source}: guidance_scale must be a finite number, got {guidance!r:.80}")
+    temperature = data.get("temperature", 1.0)
+    pair = temperature if isinstance(temperature, list) and len(temperature) == 2 else [temperature]
+    if not all(_finite_number(t) and t >= 0 for t in pair):
+        raise CheckpointError(f"{source}: temperature must be a number >= 0 or a [start, end] pair of them, got "
+                              f"{temperature!r:.80}")
     return data
+
+
+def _finite_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)

@@ -195,10 +195,28 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config gives "
                                   f"{tuple(expected[key].shape)}")
+    check_finite(state, path)
+    for key, tensor in state.items():
         if tensor.is_floating_point():  # as diffusers: float32 unless torch_dtype says otherwise, whatever the file
             state[key] = tensor.to(dtype or torch.get_default_dtype())
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def check_finite(state: dict[str, torch.Tensor], source) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: they would only show up later, as NaN
+    logits ("probability tensor contains inf/nan") or a NaN image. A tensor's min and max are finite exactly when
+    all of it is (NaN propagates through both); `aminmax` reads it once and is ~30x faster than `isfinite` on a
+    CPU (0.1 s for 315M fp16 values). One device sync."""
+    keys = [k for k, t in state.items() if t.is_floating_point() and t.numel()]
+    if not keys:
+        return
+    device = state[keys[0]].device
+    extremes = torch.stack([torch.stack(torch.aminmax(state[k])).float().to(device) for k in keys])  # (N, 2)
+    finite = torch.isfinite(extremes).all(dim=1)
+    if not bool(finite.all()):
+        key = keys[int((~finite).nonzero()[0])]
+        raise CheckpointError(f"{source}: {key} holds NaN or infinite values (corrupt weights)")
 
 
 def atomic_write(path: Path, write) -> None:

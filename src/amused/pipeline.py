@@ -28,7 +28,7 @@ from .guidance import guided_logits
 from .images import from_device, output_tensor, to_host
 from .components import AMUSED, SAMPLERS, Family, SchedulerConfig, load_components, save_components
 from .models.text_encoder import TextEncoder
-from .models.uvit import UViT
+from .models.uvit import MAX_SAMPLE_SIZE, UViT
 from .models.vqgan import VQGAN
 
 
@@ -274,6 +274,10 @@ class AmusedPipeline:
             near = sorted({max(f, (v // f) * f), max(f, -(-v // f) * f)}) if isinstance(v, int) else [f]
             raise ValueError(f"{name} {width}x{height} (width x height): each side must be a positive multiple of {f} "
                              f"for this model; nearest for {v!r}: {' or '.join(map(str, near))}")
+        limit = MAX_SAMPLE_SIZE * self.vae_scale_factor  # memory grows with the token count (attention: its square)
+        if max(height, width) > limit:
+            raise ValueError(f"{name} {width}x{height} (width x height): at most {limit} pixels a side for this model "
+                             f"({MAX_SAMPLE_SIZE} tokens of {self.vae_scale_factor} px)")
 
     @torch.inference_mode()
     def _generate(self, *, prompt, negative_prompt, tokens_fn, height, width, num_inference_steps, guidance_scale,

@@ -168,7 +168,13 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         flat = probs.to(generator.device if generator is not None else probs.device).reshape(-1, probs.shape[-1])
         if flat.device.type == "cpu" and flat.dtype != torch.float32:
             flat = flat.float()  # multinomial has no CPU half kernel
-        predicted = torch.multinomial(flat, 1, generator=generator).to(tokens.device).view(tokens.shape)
+        try:
+            predicted = torch.multinomial(flat, 1, generator=generator).to(tokens.device).view(tokens.shape)
+        except RuntimeError as e:  # NaN/inf logits: finite weights that overflow (or a NaN LoRA scale slipped in)
+            if "inf" not in str(e) and "nan" not in str(e):
+                raise
+            raise FloatingPointError("the model's logits are not finite (NaN or inf): its weights overflow in "
+                                     f"{logits.dtype}, or are corrupt") from None
         log_p = torch.gather(probs, -1, predicted[..., None])[..., 0].float().clamp(1e-20).log()
         predicted = torch.where(unknown, predicted, tokens)
         if last:

@@ -45,8 +45,8 @@ class ServerSettings:
     timeout_s: float = 120.0  # per request, queueing included: 504 after it (and dropped if not started)
     max_body_bytes: int = 10 * 2**20  # larger request bodies are answered 413
     max_side: int = 1024  # largest height/width in pixels (generated or uploaded)
-    max_work: int | None = None  # largest height x width x steps x images of one request; None: twice a full
-    # default batch at the native size
+    max_work: int | None = None  # largest height x width x images x (steps + 4) of one request (the 4: each image's
+    # VQ decode, counted as steps); None: twice a full default batch at the native size
     warmup: tuple[int, ...] = ()  # batch sizes captured before the first request (/health says "warming")
     host: str = "127.0.0.1"  # the bound address: Host headers must name it (or a loopback name)
     allowed_hosts: tuple[str, ...] = ()  # other names clients may use in the Host header
@@ -159,8 +159,8 @@ def add_command(subparsers) -> None:
                    help=f"request body limit, 413 above it ({d.max_body_bytes / 2**20:g} MiB)")
     p.add_argument("--max-side", type=int, default=d.max_side, help=f"largest height/width in pixels ({d.max_side})")
     p.add_argument("--max-work", type=int, default=None,
-                   help="largest height x width x steps x images of one request, 422 above it (default: twice a "
-                        "full default batch at the model's native size)")
+                   help="largest height x width x images x (steps + 4) of one request, 422 above it (the 4 counts "
+                        "each image's VQ decode; default: twice a full default batch at the model's native size)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="another name clients may put in the Host header (repeatable; loopback names and --host "
                         "are always allowed)")

@@ -3,10 +3,10 @@
 Every bad input is answered with a JSON body naming the field, never a 500:
     413 body over the limit; 415 neither JSON nor multipart; 422 a field out of bounds, of the wrong type,
     an undecodable image or a size that is not a multiple of the model's token size; 400 the pipeline
-    refused the arguments (its ValueError/TypeError message); 422 also a request whose work (pixels x steps x
-    images) is over the server's `max_work`; 403 a Host header that is not the server's own or a cross-origin
-    request (DNS rebinding, other web pages); 503 the queue is full (Retry-After), the server is stopping, or
-    it is still warming up (/health); 504 the request's time ran out (dropped if it had not started).
+    refused the arguments (its ValueError/TypeError message); 422 also a request whose work (pixels x images x
+    (steps + DECODE_STEPS)) is over the server's `max_work`; 403 a Host header that is not the server's own or a
+    cross-origin request (DNS rebinding, other web pages); 503 the queue is full (Retry-After), the server is
+    stopping, or it is still warming up (/health); 504 the request's time ran out (dropped if it had not started).
 Error bodies are `{"error": code, "message": text, "detail": ...}`.
 """
 
@@ -24,7 +24,7 @@ import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from ..images import decode_base64_image
@@ -34,6 +34,10 @@ from .batcher import Batcher, Cancelled, Job, QueueFull, ShuttingDown, png_bytes
 
 MAX_PROMPT_CHARS = 2000  # far beyond any text encoder's window; longer prompts are cut (and a warning says so)
 MAX_IMAGES = 8
+# A request's work counts the VQ decode of each image (and img2img/inpaint's encode) as this many steps: on the
+# embedded model on a CPU, 8 images of 256x256 at ONE step took 47-66 s, mostly decoding, where pixels x steps alone
+# ranked them below a default batch (8 x 64x64 x 12 steps, about 8 s). docs/reliability.md, Attack set.
+DECODE_STEPS = 4
 
 # ----------------------------------------------------------------------------------------------------------
 # Schemas
@@ -61,6 +65,16 @@ class Common(BaseModel):
     response_format: Literal["json", "png"] | None = Field(
         None, description="'png': the image itself (num_images 1); 'json': base64 PNGs and the settings. "
                           "Default: PNG if the Accept header prefers image/png, else JSON")
+
+    @field_validator("seed", "num_inference_steps", "guidance_scale", "temperature", "num_images", "height", "width",
+                     "strength", mode="before", check_fields=False)
+    @classmethod
+    def _no_booleans(cls, value):
+        """true/false is not a number here (pydantic would read it as 1/0). Digit strings still convert: multipart
+        form fields arrive as text."""
+        if isinstance(value, bool) or isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 Side = Annotated[int, Field(ge=1, le=16384)]
@@ -244,15 +258,18 @@ class Service:
         self.native = pipe.transformer.config.sample_size * factor
         steps = pipe.resolve_defaults(None, None, None)[0]
         # Default bound on one request's work: twice a full default batch at the native size.
-        self.max_work = settings.max_work or 2 * self.native ** 2 * max(steps, 12) * settings.max_batch
+        self.max_work = settings.max_work or 2 * self.native ** 2 * (max(steps, 12) + DECODE_STEPS) * \
+            settings.max_batch
 
     def check_work(self, options: dict[str, Any], num_images: int) -> None:
-        """Refuse a request whose pixels x steps x images is over `max_work` (a bound on its time and memory)."""
-        work = options["height"] * options["width"] * options["num_inference_steps"] * num_images
+        """Refuse a request whose height x width x images x (steps + DECODE_STEPS) is over `max_work` (a bound on
+        its time and memory)."""
+        work = options["height"] * options["width"] * num_images * (options["num_inference_steps"] + DECODE_STEPS)
         if work > self.max_work:
-            raise invalid("num_inference_steps", f"height x width x num_inference_steps x num_images = {work:,} is "
-                                                 f"over this server's limit of {self.max_work:,} (--max-work); ask "
-                                                 f"for fewer pixels, steps or images")
+            raise invalid("num_inference_steps", f"height x width x num_images x (num_inference_steps + "
+                                                 f"{DECODE_STEPS}) = {work:,} is over this server's limit of "
+                                                 f"{self.max_work:,} (--max-work); ask for fewer pixels, steps or "
+                                                 f"images")
 
     def check_side(self, value: int, field: str) -> int:
         if value % self.multiple or value > self.settings.max_side:

@@ -22,6 +22,21 @@ def model_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def output_dir(value: str) -> str:
+    """--output_dir: a folder (made if missing), not a file, and not under one."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: {parent} is a file, not a folder")
+    return value
+
+
 def _data(p: argparse.ArgumentParser, preencoded: bool = True, resolution: int = 256) -> None:
     g = p.add_argument_group("data (give exactly one source)")
     g.add_argument("--train_data_dir", "--instance_data_dir", dest="train_data_dir",
@@ -67,7 +82,7 @@ def _optim(p: argparse.ArgumentParser, lr: float) -> None:
 
 def _run(p: argparse.ArgumentParser, checkpointing_steps: int = 500) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_dir", required=True, type=output_dir)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps, help="0: never")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep the last N checkpoints")
@@ -247,7 +262,7 @@ def add_commands(subparsers) -> None:
     g.add_argument("--text_encoder_path", help="transformers text-model folder overriding the pipeline's")
     _data(p, preencoded=False)
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_dir", required=True, type=output_dir)
     g.add_argument("--batch_size", type=int, default=32)
     g.add_argument("--shard_size", type=int, default=2048, help="samples per safetensors shard")
     g.add_argument("--seed", type=int, default=0, help="seeds the random crops / flips")

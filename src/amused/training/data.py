@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import PIL.Image
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..images import load_image
 
@@ -135,10 +135,17 @@ class ImageFolder:
             return None
         rows = []
         for n, record in enumerate(records, 1):
-            if image_column not in record or caption_column not in record:
+            if not isinstance(record, dict) or image_column not in record or caption_column not in record:
                 raise ValueError(f"{source} row {n} lacks {image_column!r} or {caption_column!r} "
-                                 f"(has {sorted(record)}); set --image_column / --caption_column")
-            path = self.root / record[image_column]
+                                 f"(has {sorted(record) if isinstance(record, dict) else type(record).__name__}); "
+                                 f"set --image_column / --caption_column")
+            name = record[image_column]
+            # a path relative to the folder, inside it (as `datasets` reads "imagefolder"): the metadata cannot
+            # point the training at files elsewhere (symbolic links inside the folder still work)
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"{source} row {n}: {image_column} must be a path relative to the folder and inside "
+                                 f"it, got {name!r:.200}")
+            path = self.root / name
             if not path.is_file():
                 raise ValueError(f"{source} row {n}: image {path} does not exist")
             rows.append((path, str(record[caption_column])))
@@ -177,10 +184,11 @@ class Records:
     """
 
     def __init__(self, records: Sequence[dict], image_column: str = "image", caption_column: str = "text"):
-        self.records, self.image_column, self.caption_column = records, image_column, caption_column
         names = getattr(records, "column_names", None)
         if names is not None and (image_column not in names or caption_column not in names):
             raise ValueError(f"dataset columns are {names}; set --image_key / --prompt_key")
+        self.records = without_image_decoding(records, image_column)
+        self.image_column, self.caption_column = image_column, caption_column
 
     def __len__(self) -> int:
         return len(self.records)
@@ -192,6 +200,20 @@ class Records:
             image = image["bytes"] if image.get("bytes") is not None else image.get("path")
         return {"image": load_image(image, name=f"dataset row {index} {self.image_column!r}"),
                 "caption": str(record[self.caption_column])}
+
+
+def without_image_decoding(records, column: str):
+    """A `datasets.Dataset` whose `column` is an Image feature, cast so that rows hand over the file's bytes (or
+    path) instead of a decoded image: `datasets` decodes with Pillow before we see the row (any format Pillow knows,
+    EPS through Ghostscript included, and no size limit but Pillow's own), so `load_image` must do it. Anything
+    else is returned as it is."""
+    feature = (getattr(records, "features", None) or {}).get(column)
+    if type(feature).__name__ != "Image" or not getattr(feature, "decode", False) or not hasattr(records,
+                                                                                                "cast_column"):
+        return records
+    import datasets
+
+    return records.cast_column(column, datasets.Image(decode=False))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,8 +292,14 @@ class PreencodedDataset(torch.utils.data.Dataset):
         index_path = self.root / "index.json"
         if not index_path.is_file():
             raise ValueError(f"{self.root} is not a pre-encoded dataset (missing index.json; run `amused preencode`)")
-        self.index = json.loads(index_path.read_text())
-        self.shards = [(self.root / s["file"], s["num_samples"]) for s in self.index["shards"]]
+        try:
+            self.index = json.loads(index_path.read_text())
+            self.shards = [(self.root / s["file"], s["num_samples"]) for s in self.index["shards"]]
+            if not all(isinstance(n, int) and n >= 0 and path.parent == self.root for path, n in self.shards):
+                raise ValueError("each shard needs a file name in the folder and a whole num_samples")
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{index_path}: not an index `amused preencode` writes ({' '.join(str(e).split())})"
+                             ) from None
         self.offsets = np.cumsum([0] + [n for _, n in self.shards])
         self._open: dict[int, Any] = {}
         self._captions: dict[int, list[str]] = {}
@@ -286,9 +314,12 @@ class PreencodedDataset(torch.utils.data.Dataset):
     def _handle(self, shard: int):
         if shard not in self._open:  # opened lazily, per DataLoader worker
             path = self.shards[shard][0]
-            handle = safe_open(str(path), framework="pt")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                self._captions[shard] = json.loads((handle.metadata() or {}).get("captions", "[]"))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"pre-encoded shard {path}: unreadable ({' '.join(str(e).split())})") from None
             self._open[shard] = handle
-            self._captions[shard] = json.loads(handle.metadata().get("captions", "[]"))
         return self._open[shard]
 
     def __getitem__(self, key) -> dict[str, Any]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import glob
 import json
+import lzma
 import random
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,41 +42,61 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
-def iter_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one webdataset tar: members grouped by key (path up to the basename's first dot)."""
+MAX_MEMBER_BYTES = 256 << 20  # one file of a sample, as its tar header declares it: past any image within the
+# pixel limit (64 Mi pixels), so a gzip bomb or a lying header is refused before anything is read
+
+
+def iter_tar(path: str, max_member_bytes: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one webdataset tar: members grouped by key (path up to the basename's first dot). Nothing is
+    extracted to disk. A file that is not a (possibly compressed) tar, is cut short, or holds a member over
+    `max_member_bytes` (default `MAX_MEMBER_BYTES`) raises ValueError naming the shard."""
+    max_member_bytes = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     current: dict[str, bytes] = {}
     key = None
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot or stem.startswith("."):
-                continue
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key and current:
-                yield {"__key__": key, **current}
-                current = {}
-            key = member_key
-            current[ext.lower()] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot or stem.startswith("."):
+                    continue
+                if member.size > max_member_bytes:
+                    raise ValueError(f"tar shard {path}: member {member.name[:200]!r} declares {member.size:,} bytes, "
+                                     f"over the limit of {max_member_bytes:,}")
+                member_key = f"{folder}/{stem}" if folder else stem
+                if member_key != key and current:
+                    yield {"__key__": key, **current}
+                    current = {}
+                key = member_key
+                current[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:  # bz2 raises OSError
+        raise ValueError(f"tar shard {path}: not a readable tar file ({' '.join(str(e).split()) or type(e).__name__})"
+                         ) from None
     if current:
         yield {"__key__": key, **current}
 
 
 def decode_tar_sample(sample: dict[str, Any], source: str) -> dict[str, Any]:
+    name = f"{source}: sample {sample['__key__']}"
     image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
     if image_ext is None:
-        raise ValueError(f"{source}: sample {sample['__key__']} has no jpg/png/webp member")
-    if "txt" in sample or "caption" in sample:
-        caption = sample.get("txt", sample.get("caption")).decode("utf-8")
-    elif "json" in sample:
-        meta = json.loads(sample["json"])
-        caption = meta.get("text", meta.get("caption", ""))
-    else:
-        raise ValueError(f"{source}: sample {sample['__key__']} has no txt/caption/json member")
+        raise ValueError(f"{name} has no jpg/png/webp member")
+    try:
+        if "txt" in sample or "caption" in sample:
+            caption = sample.get("txt", sample.get("caption")).decode("utf-8")
+        elif "json" in sample:
+            meta = json.loads(sample["json"])
+            caption = meta.get("text", meta.get("caption", "")) if isinstance(meta, dict) else None
+            if not isinstance(caption, str):
+                raise ValueError("the json member needs a string 'text' or 'caption'")
+        else:
+            raise ValueError("no txt/caption/json member")
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{name}: unreadable caption: {e}") from None
     # the one image reader: format and declared size checked before any pixel is decoded
-    image = load_image(sample[image_ext], name=f"{source}: sample {sample['__key__']}")
+    image = load_image(sample[image_ext], name=name)
     return {"image": image, "caption": caption.strip()}
 
 

@@ -197,6 +197,12 @@ def run(args, mode: str) -> Path:
         ckpt.clean_stale(out)
     set_seed(args.seed or 0, device_specific=True)  # different masks per rank
     comps = build_components(args, mode)
+    if not getattr(args, "preencoded_data_dir", None):  # before any work: the first batch would fail deep inside
+        vq_factor = comps.vqvae.config.scale_factor
+        f = vq_factor * (2 if comps.transformer.config.downsample else 1)  # the U-ViT halves the token grid
+        if args.resolution < f or args.resolution % f:
+            raise ValueError(f"--resolution {args.resolution} must be a positive multiple of {f} for this model "
+                             f"(VQ factor {vq_factor}{', token grid halved by the U-ViT' if f > vq_factor else ''})")
     model = comps.transformer.to(dtype=DTYPES[args.weights_dtype])
     model.gradient_checkpointing = args.gradient_checkpointing
     lora_configs = {}
