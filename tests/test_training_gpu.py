@@ -38,8 +38,12 @@ def test_8bit_adam_learns_like_adamw_with_8bit_states(tmp_path):
     assert abs(mean(logs["adam8bit"][-10:]) - mean(logs["adamw"][-10:])) < 0.2
 
     state = torch.load(tmp_path / "adam8bit" / "checkpoint-80" / "optimizer.bin", weights_only=False)["state"]
-    dtypes = {value.dtype for per_param in state.values() for value in per_param.values() if torch.is_tensor(value)}
-    assert torch.uint8 in dtypes  # bitsandbytes' quantised moments (state1 / state2)
+    def tensor_dtypes(tree):  # bitsandbytes >= 0.50 nests its states under "__bnb_optimizer_quant_state__"
+        if torch.is_tensor(tree):
+            return {tree.dtype}
+        return set().union(*map(tensor_dtypes, tree.values())) if isinstance(tree, dict) else set()
+
+    assert torch.uint8 in tensor_dtypes(state)  # bitsandbytes' quantised moments (state1 / state2)
 
     weights_gib = sum(p.numel() * 4 for p in UViT(UViTConfig(**WIDE)).parameters()) / 2 ** 30
     for row in logs["adam8bit"]:  # torch.cuda.max_memory_allocated: at least the fp32 weights on the GPU
