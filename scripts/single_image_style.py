@@ -1,0 +1,146 @@
+"""Single-image style on the embedded model, shown and measured (issue 17, item 4).
+
+One image in a style the embedded model never saw: a drawing made here from one emoji (Google's "grinning
+face", in the training data) redrawn as a three-tone blue ink stamp on cream paper (luminance posterised onto a
+fixed ink palette). The documented recipe (`amused finetune --use_lora` on that one image and its caption) is run
+as a user runs it; then 20 other emoji are generated with "NAME, ink style" before (the base model) and after
+(the base model + the LoRA), seed 0, no selection. Two measures, before and after:
+
+- style: the share of drawn pixels (not near-white, not near-cream) that lie near the ink palette (RGB distance
+  < 60): the three ink tones; the base model draws in emoji colours, so this is near 0 before;
+- recognisable: top-1 retrieval of the prompted emoji among all real images, as `amused eval` does, but on
+  luminance thumbnails (16x16, centred, L2-normalised), so that a blue drawing of a red apple can still find the
+  real red apple: a hit when the nearest real image shows the prompted emoji in any style.
+
+    python scripts/single_image_style.py --data data/emoji --out docs/results/single_image_style_cpu.json \\
+        --grid docs/images/single_image_style.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from amused import AmusedPipeline
+from amused.embedded import embedded_model_path
+from amused.evaluate import load_images, load_rows
+from amused.images import make_image_grid
+
+PAPER = np.array([246, 240, 225])
+INK = np.array([[20, 40, 110], [70, 110, 190], [160, 190, 235]])  # dark, mid, light ink
+STYLE_WORD = "ink style"
+INSTANCE_EMOJI = "grinning face"
+
+
+def ink_drawing(image: Image.Image) -> Image.Image:
+    """The instance image: an emoji redrawn as a three-tone ink stamp on cream paper."""
+    rgb = np.asarray(image.convert("RGB")).astype(float)
+    lum = rgb @ np.array([0.299, 0.587, 0.114])
+    out = np.empty_like(rgb)
+    out[:] = PAPER
+    for k, (lo, hi) in enumerate(((0, 90), (90, 170), (170, 235))):
+        out[(lum >= lo) & (lum < hi)] = INK[k]
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def ink_share(images: torch.Tensor) -> float:
+    """Share of drawn pixels (not white, not paper) within RGB distance 60 of an ink tone; (N, 3, H, W) in [0, 1]."""
+    px = images.permute(0, 2, 3, 1).reshape(-1, 3).numpy() * 255
+    background = (np.linalg.norm(px - 255, axis=1) < 40) | (np.linalg.norm(px - PAPER, axis=1) < 40)
+    drawn = px[~background]
+    if not len(drawn):
+        return 0.0
+    near = np.linalg.norm(drawn[:, None, :] - INK[None], axis=2).min(1) < 60
+    return float(near.mean())
+
+
+def luminance_features(images: torch.Tensor) -> torch.Tensor:
+    lum = (images * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+    thumbs = F.adaptive_avg_pool2d(lum, 16).flatten(1)
+    return F.normalize(thumbs - thumbs.mean(1, keepdim=True), dim=1)
+
+
+def generate(pipe, prompts: list[str], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = pipe(prompts, generator=g, output_type="np").images
+    return torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2).float()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/emoji")
+    p.add_argument("--work", default="single_image_style")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA scale at generation")
+    p.add_argument("--out", required=True)
+    p.add_argument("--grid", default=None)
+    p.add_argument("--reuse", action="store_true", help="keep a LoRA already trained in --work (another --scale)")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(args.data)
+    source = next(r for r in rows if r["emoji"] == INSTANCE_EMOJI and r["style"] == "google" and not r.get("skin_tone"))
+    instance = ink_drawing(Image.open(Path(args.data) / source["split"] / source["file_name"]))
+    instance.save(work / "instance.png")
+    caption = f"{INSTANCE_EMOJI}, {STYLE_WORD}"
+    cmd = [sys.executable, "-m", "amused.cli", "finetune", "--pretrained_model_name_or_path", "embedded",
+           "--instance_data_image", str(work / "instance.png"), "--instance_prompt", caption, "--resolution", "64",
+           "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
+           "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+           "--learning_rate", "1e-3", "--train_batch_size", "4", "--max_train_steps", str(args.steps),
+           "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(work / "lora")]
+    started = time.perf_counter()
+    if not (args.reuse and (work / "lora" / "pytorch_lora_weights.safetensors").is_file()):
+        subprocess.run(cmd, check=True)
+    train_s = time.perf_counter() - started
+
+    # 20 other emoji drawn in all three styles in training, a seeded choice
+    full = sorted({r["emoji"] for r in rows if r["split"] == "train" and not r.get("skin_tone")} - {INSTANCE_EMOJI})
+    names = [full[k] for k in np.random.default_rng(0).permutation(len(full))[:20]]
+    prompts = [f"{n}, {STYLE_WORD}" for n in names]
+    pipe = AmusedPipeline.from_pretrained(embedded_model_path())
+    before = generate(pipe, prompts, 0)
+    pipe.load_lora_weights(str(work / "lora"), scale=args.scale)
+    after = generate(pipe, prompts, 0)
+
+    real = load_images(args.data, rows)
+    db = luminance_features(real)
+    emoji = [r["emoji"] for r in rows]
+    result = {"instance": {"source": source["text"], "caption": caption, "path": str(work / "instance.png")},
+              "command": " ".join(["amused", *cmd[3:]]), "train_seconds": round(train_s, 1),
+              "lora_scale": args.scale, "prompts": prompts}
+    for name, images in (("before", before), ("after", after)):
+        nearest = (luminance_features(images) @ db.T).argmax(1).tolist()
+        hits = [emoji[j] == n for j, n in zip(nearest, names)]
+        result[name] = {"ink_share": ink_share(images), "recognised": float(np.mean(hits)),
+                        "neighbours": [[p_, rows[j]["text"]] for p_, j in zip(prompts, nearest)]}
+    result["instance"]["ink_share"] = ink_share(torch.from_numpy(np.array(instance)).permute(2, 0, 1)[None] / 255)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{'':<8}{'ink share':>10}{'recognised':>12}   (20 emoji, '{STYLE_WORD}', seed 0)")
+    for name in ("before", "after"):
+        print(f"{name:<8}{result[name]['ink_share']:>10.1%}{result[name]['recognised']:>12.1%}")
+    if args.grid:
+        def tiles(images):
+            return [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize((128, 128),
+                                                                                                         Image.NEAREST)
+                    for im in images]
+        blank = Image.new("RGB", (128, 128), (255, 255, 255))
+        big = instance.resize((128, 128), Image.NEAREST)
+        grid = make_image_grid([big, *tiles(before[:10]), blank, *tiles(after[:10]),
+                                big, *tiles(before[10:]), blank, *tiles(after[10:])], rows=4, cols=11)
+        grid.save(args.grid)
+        print("grid:", args.grid)
+
+
+if __name__ == "__main__":
+    main()
