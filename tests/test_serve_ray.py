@@ -136,8 +136,10 @@ def server(tmp_path_factory):
         while True:
             assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
             assert time.monotonic() - started < 300, f"not ready in 300 s:\n{log.read_text()[-4000:]}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+            try:  # ready when both replicas answer (the first one can be serving while the second warms up)
+                seen = {r.headers.get("x-amused-replica") for r in asyncio.run(health_all(url, 8))
+                        if not isinstance(r, BaseException) and r.status_code == 200}
+                if len(seen - {None}) == 2:
                     break
             except httpx.TransportError:
                 pass
@@ -156,6 +158,11 @@ def server(tmp_path_factory):
                 child.kill()
             except psutil.Error:
                 pass
+
+
+async def health_all(url: str, n: int) -> list:
+    async with httpx.AsyncClient(timeout=5) as client:
+        return await asyncio.gather(*(client.get(url + "/health") for _ in range(n)), return_exceptions=True)
 
 
 async def post_all(url: str, bodies: list[dict], **kwargs) -> list:
