@@ -70,9 +70,10 @@ def luminance_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def generate(pipe, prompts: list[str], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    out = pipe(prompts, generator=g, output_type="np").images
-    return torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2).float()
+    """One image per prompt, each drawn alone from its own generator seeded `seed` (so a prompt's image does not
+    depend on which others are drawn with it)."""
+    out = [pipe(p, generator=torch.Generator().manual_seed(seed), output_type="np").images[0] for p in prompts]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
 
 
 def main() -> None:
@@ -80,9 +81,15 @@ def main() -> None:
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--work", default="single_image_style")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--learning-rate", default="1e-3")
+    p.add_argument("--targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+                   help="--lora_target_modules")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA scale at generation")
     p.add_argument("--out", required=True)
     p.add_argument("--grid", default=None)
+    p.add_argument("--pick", choices=["random", "recognised"], default="random",
+                   help="the 20 emoji: a seeded random choice, or the first 20 (same seeded order) that the base "
+                        "model draws recognisably with the style prompt (measures what the style keeps)")
     p.add_argument("--reuse", action="store_true", help="keep a LoRA already trained in --work (another --scale)")
     args = p.parse_args()
     work = Path(args.work)
@@ -95,8 +102,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "amused.cli", "finetune", "--pretrained_model_name_or_path", "embedded",
            "--instance_data_image", str(work / "instance.png"), "--instance_prompt", caption, "--resolution", "64",
            "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
-           "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
-           "--learning_rate", "1e-3", "--train_batch_size", "4", "--max_train_steps", str(args.steps),
+           "--lora_target_modules", *args.targets,
+           "--learning_rate", args.learning_rate, "--train_batch_size", "4", "--max_train_steps", str(args.steps),
            "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(work / "lora")]
     started = time.perf_counter()
     if not (args.reuse and (work / "lora" / "pytorch_lora_weights.safetensors").is_file()):
@@ -105,17 +112,27 @@ def main() -> None:
 
     # 20 other emoji drawn in all three styles in training, a seeded choice
     full = sorted({r["emoji"] for r in rows if r["split"] == "train" and not r.get("skin_tone")} - {INSTANCE_EMOJI})
-    names = [full[k] for k in np.random.default_rng(0).permutation(len(full))[:20]]
-    prompts = [f"{n}, {STYLE_WORD}" for n in names]
+    order = [full[k] for k in np.random.default_rng(0).permutation(len(full))]
     pipe = AmusedPipeline.from_pretrained(embedded_model_path())
+    real = load_images(args.data, rows)
+    db = luminance_features(real)
+    emoji = [r["emoji"] for r in rows]
+    if args.pick == "random":
+        names = order[:20]
+    else:  # each candidate drawn alone with seed 0, as the measured images are drawn below
+        names = []
+        for name in order[:200]:
+            image = generate(pipe, [f"{name}, {STYLE_WORD}"], 0)
+            if emoji[int((luminance_features(image) @ db.T).argmax(1))] == name:
+                names.append(name)
+            if len(names) == 20:
+                break
+    prompts = [f"{n}, {STYLE_WORD}" for n in names]
     before = generate(pipe, prompts, 0)
     pipe.load_lora_weights(str(work / "lora"), scale=args.scale)
     after = generate(pipe, prompts, 0)
 
-    real = load_images(args.data, rows)
-    db = luminance_features(real)
-    emoji = [r["emoji"] for r in rows]
-    result = {"instance": {"source": source["text"], "caption": caption, "path": str(work / "instance.png")},
+    result = {"pick": args.pick, "instance": {"source": source["text"], "caption": caption, "path": str(work / "instance.png")},
               "command": " ".join(["amused", *cmd[3:]]), "train_seconds": round(train_s, 1),
               "lora_scale": args.scale, "prompts": prompts}
     for name, images in (("before", before), ("after", after)):
