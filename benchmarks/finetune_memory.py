@@ -79,8 +79,8 @@ def main() -> None:
     p.add_argument("--skip_reference", action="store_true")
     args = p.parse_args()
     work = Path(args.work)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    os.environ.update(env)
+    # the subprocesses (amused finetune, train_memory.py) import this checkout's amused
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])
     if not (work / "pipe").is_dir():
         subprocess.run([sys.executable, str(HERE / "train_memory.py"), "--make_synthetic", str(work), "--out",
                         str(work / "synthetic.json"), *(["--tiny"] if args.tiny else [])], check=True)
