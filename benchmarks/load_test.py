@@ -102,6 +102,7 @@ async def run_level(url: str, pid: int | None, clients: int, duration: float, ma
     records: list[tuple[int, float]] = []  # (status, seconds)
     shares: list[float] = []  # 1 / requests in the pipeline call, per answered request: their sum counts the calls
     replicas: dict[str, int] = {}  # X-Amused-Replica -> requests answered
+    server_ms: dict[str, list[float]] = {"queue_ms": [], "run_ms": [], "total_ms": []}  # the server's own timing
     issued = 0
     end = time.monotonic() + duration
     peak = rss_bytes(pid)
@@ -117,7 +118,10 @@ async def run_level(url: str, pid: int | None, clients: int, duration: float, ma
                 r = await client.post(url + "/v1/generate", json=payload, timeout=request_timeout)
                 status = r.status_code
                 if status == 200:
-                    shares.append(1 / r.json()["batch_size"])
+                    body = r.json()
+                    shares.append(1 / body["batch_size"])
+                    for key, values in server_ms.items():
+                        values.append(body.get("timing", {}).get(key, float("nan")))
                     replica = r.headers.get("x-amused-replica", "one process")
                     replicas[replica] = replicas.get(replica, 0) + 1
             except httpx.HTTPError:
@@ -149,12 +153,15 @@ async def run_level(url: str, pid: int | None, clients: int, duration: float, ma
             "seconds": round(elapsed, 2), "requests_per_s": round(len(ok) / elapsed, 3),
             "p50_s": percentile(ok, 0.5), "p90_s": percentile(ok, 0.9), "p99_s": percentile(ok, 0.99),
             "mean_batch_images": round(len(ok) / calls, 2) if calls else None, "replicas": replicas,
+            # where a request's time goes (medians, ms): waiting in the queue, the pipeline call, the whole
+            # request inside the server (adds PNG encoding); the client's p50 adds HTTP and JSON on both ends
+            "server_p50_ms": {k: percentile(v, 0.5) for k, v in server_ms.items()},
             "rss_before_mib": mib(rss_before), "rss_peak_mib": mib(peak), "rss_after_mib": mib(rss_bytes(pid))}
 
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'clients':>7} {'ok':>5} {'503':>5} {'err':>4} {'req/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} "
-              f"{'batch':>6} {'replicas':>8} {'RSS before/peak/after MiB':>26}")
+              f"{'batch':>6} {'replicas':>8} {'RSS before/peak/after MiB':>26} {'server queue/run/total ms':>26}")
     print(header)
     print("-" * len(header))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -163,7 +170,8 @@ def print_table(rows: list[dict]) -> None:
             f"{r['rss_before_mib']:.0f} / {r['rss_peak_mib']:.0f} / {r['rss_after_mib']:.0f}"
         print(f"{r['clients']:>7} {r['ok']:>5} {r['rejected_503']:>5} {sum(r['other_errors'].values()):>4} "
               f"{r['requests_per_s']:>7.2f} {fmt(r['p50_s']):>7} {fmt(r['p90_s']):>7} {fmt(r['p99_s']):>7} "
-              f"{fmt(r['mean_batch_images']):>6} {len(r['replicas']):>8} {rss:>26}")
+              f"{fmt(r['mean_batch_images']):>6} {len(r['replicas']):>8} {rss:>26} "
+              f"{' / '.join(fmt(r['server_p50_ms'][k]) for k in ('queue_ms', 'run_ms', 'total_ms')):>26}")
 
 
 async def main_async(args) -> dict:

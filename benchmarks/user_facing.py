@@ -225,7 +225,8 @@ def print_summary(result: dict) -> None:
         print("\n== server ==")
         for lv in result["server"]["levels"]:
             print(f"{lv['clients']:>3} clients: {lv['requests_per_s']:.2f} images/s, p50 {lv['p50_s']}, "
-                  f"p99 {lv['p99_s']}, 503s {lv['rejected_503']}, errors {lv['other_errors']}")
+                  f"p99 {lv['p99_s']}, 503s {lv['rejected_503']}, errors {lv['other_errors']}, "
+                  f"batch {lv['mean_batch_images']}, server p50 ms {lv.get('server_p50_ms')}")
 
 
 def main() -> int:

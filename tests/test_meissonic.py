@@ -181,6 +181,7 @@ def test_bad_config_file_names_the_file(tmp_path):
         meissonic_config("meissonic-2")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_forward_tokens_captures_in_a_cuda_graph_without_syncs():
     model = tiny().cuda()

@@ -259,14 +259,27 @@ def test_body_too_large_is_413(pipe):
 # Batching, queue, timeouts
 # ----------------------------------------------------------------------------------------------------------
 
+def busy_then(client, spy, gate, requests):
+    """Hold the worker busy with one seeded request, queue `requests` behind it, then let everything run;
+    returns the queued requests' responses."""
+    batcher = client.app.state.service.batcher
+    first, _ = in_threads(lambda: client.post("/v1/generate", json={"prompt": "first", "seed": 9}), [()])
+    assert spy.entered.wait(10)  # the worker is busy with the first request
+    threads, results = in_threads(lambda j: client.post("/v1/generate", json=j), [(j,) for j in requests])
+    wait_for(lambda: batcher.depth == len(requests))
+    gate.set()
+    for t in first + threads:
+        t.join(20)
+    spy.calls.pop(0)  # the first request's call
+    return results
+
+
 def test_concurrent_requests_share_one_call(pipe):
-    spy = SpyPipe(pipe)
+    gate = threading.Event()
+    spy = SpyPipe(pipe, gate)
     prompts = ["an apple", "a pear", "a plum", "a fig"]
     with serve(spy, max_batch=4, batch_window_ms=2000) as client:  # the batch closes as soon as it is full
-        threads, results = in_threads(lambda p: client.post("/v1/generate", json={"prompt": p}),
-                                      [(p,) for p in prompts])
-        for t in threads:
-            t.join(20)
+        results = busy_then(client, spy, gate, [{"prompt": p} for p in prompts])
     assert len(spy.calls) == 1
     assert sorted(spy.calls[0]["prompt"]) == sorted(prompts)
     for prompt, r in zip(prompts, results):
@@ -276,18 +289,46 @@ def test_concurrent_requests_share_one_call(pipe):
 
 
 def test_seeded_and_different_settings_do_not_batch(pipe):
-    spy = SpyPipe(pipe)
+    gate = threading.Event()
+    spy = SpyPipe(pipe, gate)
     requests = [{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}, {"prompt": "c"}, {"prompt": "d"},
                 {"prompt": "e", "num_inference_steps": 3}]
     with serve(spy, max_batch=2, batch_window_ms=2000) as client:
-        threads, results = in_threads(lambda j: client.post("/v1/generate", json=j), [(j,) for j in requests])
-        for t in threads:
-            t.join(20)
+        results = busy_then(client, spy, gate, requests)
     assert all(r.status_code == 200 for r in results)
     batched = [c["prompt"] for c in spy.calls if isinstance(c["prompt"], list)]
     assert batched == [["c", "d"]] or batched == [["d", "c"]]
     assert len(spy.calls) == 4  # a, b, e alone; c + d together
     assert [r.json()["seed"] for r in results[:2]] == [1, 2]
+
+
+def test_a_lone_client_does_not_wait_for_the_batch_window(pipe):
+    """One client at a time (each request after the last answer): no batch-mates are coming, so a request
+    starts at once instead of idling for the window."""
+    with serve(pipe, batch_window_ms=3000) as client:
+        for k in range(3):
+            r = client.post("/v1/generate", json={"prompt": f"apple {k}"})
+            assert r.status_code == 200 and r.json()["timing"]["queue_ms"] < 1000
+        assert client.get("/health").json()["concurrency"] < 1.5
+
+
+def test_the_window_waits_when_requests_overlap():
+    """Little's law: arrivals every 10 ms that each take 100 ms to answer -> ~10 in the system: the oldest
+    job waits for batch-mates (up to the window); a lone, rare one does not."""
+    batcher = Batcher(engine=None, max_batch=4, batch_window_ms=300, max_queue=10)
+    options = {"height": 8, "width": 8, "num_inference_steps": 2, "guidance_scale": 3.0, "temperature": (1.0, 0.0)}
+    batcher._gap_s, batcher._latency_s = 0.010, 0.100
+    batcher.submit(Job("text", "a", "", 1, None, options, deadline=float("inf")))
+    later = threading.Timer(0.1, lambda: batcher.submit(Job("text", "b", "", 1, None, options,
+                                                              deadline=float("inf"))))
+    later.start()
+    assert [j.prompt for j in batcher._next_batch()] == ["a", "b"]  # waited, and "b" joined
+    later.join()
+    batcher._gap_s, batcher._latency_s = 1.0, 0.100  # one request in ten is in the system
+    batcher.submit(Job("text", "c", "", 1, None, options, deadline=float("inf")))
+    started = time.monotonic()
+    assert [j.prompt for j in batcher._next_batch()] == ["c"]
+    assert time.monotonic() - started < 0.2  # did not sit out the 300 ms window
 
 
 def test_batch_selection_rules():

@@ -502,7 +502,7 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 "warmed_batch_sizes": list(engine.warmed), "warmup_s": b.warmup_s,
                 "queue_depth": b.depth, "running": len(b.running), "max_queue": settings.max_queue,
                 "max_batch": settings.max_batch, "batch_window_ms": settings.batch_window_ms,
-                "max_work": service.max_work, "size_multiple": service.multiple, "native_size": service.native,
+                "concurrency": round(b.concurrency, 2), "max_work": service.max_work, "size_multiple": service.multiple, "native_size": service.native,
                 "stats": dict(b.stats)}
         return JSONResponse(body, 200 if state == "ready" else 503)
 

@@ -1,9 +1,13 @@
 """Dynamic batching: one worker thread owns the pipeline and runs queued requests, several at a time.
 
 The event loop never touches the model. A request becomes a `Job` in a bounded deque; the worker takes the
-oldest job and, if it is batchable, waits until `batch_window_ms` after that job arrived (or until the batch
-is full) for other jobs with the same `batch_key`, then runs them all as ONE pipeline call with a list of
-prompts and hands each job its share of the images.
+oldest job and, if it is batchable and other requests are likely to come, waits until `batch_window_ms` after
+that job arrived (or until the batch is full) for other jobs with the same `batch_key`, then runs them all as ONE
+pipeline call with a list of prompts and hands each job its share of the images.
+
+The wait only pays when batch-mates are on their way. The worker estimates the number of requests in the system
+by Little's law (arrival rate x time from arrival to answer, both moving averages): below 1.5, as with one
+client sending a request after each answer, the job starts at once instead of idling for the window.
 
 Which jobs batch together: text-to-image jobs without a seed that share size, steps, guidance and
 temperature (prompts and negative prompts may differ: the pipeline takes one per prompt). The pipeline draws
@@ -131,6 +135,15 @@ class Batcher:
         self.stats = {"requests": 0, "images": 0, "pipeline_calls": 0, "rejected_full": 0, "dropped": 0,
                       "failed": 0, "cancelled": 0}
         self.warmup_s: float | None = None
+        # Little's law inputs (moving averages): seconds between arrivals, seconds from arrival to answer
+        self._last_arrival: float | None = None
+        self._gap_s = 1.0
+        self._latency_s = 0.0
+
+    @property
+    def concurrency(self) -> float:
+        """Requests in the system on average lately (arrival rate x latency)."""
+        return self._latency_s / max(self._gap_s, 1e-6)
 
     # ---- the server side ------------------------------------------------------------------------------
 
@@ -166,7 +179,10 @@ class Batcher:
                 self.stats["rejected_full"] += 1
                 batches_ahead = len(self._queue) / self.max_batch + (1 if self.running else 0)
                 raise QueueFull(max(1, math.ceil(batches_ahead * self.batch_seconds)))
-            job.enqueued = time.monotonic()
+            job.enqueued = now = time.monotonic()
+            if self._last_arrival is not None:
+                self._gap_s = 0.8 * self._gap_s + 0.2 * min(now - self._last_arrival, 10.0)
+            self._last_arrival = now
             self._queue.append(job)
             self._cond.notify_all()
 
@@ -201,7 +217,7 @@ class Batcher:
                 return None
             head = self._queue[0]
             key = head.batch_key
-            if key is not None:
+            if key is not None and (len(self._queue) > 1 or self.concurrency >= 1.5):
                 until = head.enqueued + self.window
                 while (not self._stop and self._queue and self._queue[0] is head and time.monotonic() < until
                        and sum(j.num_images for j in self._queue if j.batch_key == key) < self.max_batch):
@@ -250,7 +266,9 @@ class Batcher:
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * run_s
         self.stats["pipeline_calls"] += 1
         self.running = []
+        done = time.monotonic()
         for job, job_images in zip(batch, images):
+            self._latency_s = 0.8 * self._latency_s + 0.2 * (done - job.enqueued)
             self.stats["requests"] += 1
             self.stats["images"] += len(job_images)
             meta = {**job.metadata, "seed": seed if len(batch) == 1 else None}
