@@ -190,10 +190,10 @@ def prompts(ckpt: Path, work: Path, cache: Path, n: int = 64, quick: bool = Fals
     return rows
 
 
-def server(ckpt: Path, work: Path, cache: Path, duration: float) -> dict:
+def server(ckpt: Path, work: Path, cache: Path, duration: float, levels=(1, 8, 32)) -> dict:
     out = work / "load.json"
-    cmd = [sys.executable, str(HERE / "load_test.py"), "--model", str(ckpt), "--device", "cuda", "--levels", "1", "8",
-           "32", "--duration", str(duration), "--max-requests", "100000", "--startup-timeout", "600",
+    cmd = [sys.executable, str(HERE / "load_test.py"), "--model", str(ckpt), "--device", "cuda", "--levels",
+           *map(str, levels), "--duration", str(duration), "--max-requests", "100000", "--startup-timeout", "600",
            "--out", str(out)]
     row = timed_process(cmd, {"TORCHINDUCTOR_CACHE_DIR": str(cache)}, timeout=1200)
     result = json.loads(out.read_text()) if out.is_file() else {"error": row.get("error")}
@@ -202,10 +202,11 @@ def server(ckpt: Path, work: Path, cache: Path, duration: float) -> dict:
     return result
 
 
-def engine(ckpt: Path, repeats: int) -> list[dict]:
+def engine(ckpt: Path, repeats: int, reference: bool = True) -> list[dict]:
     from amused.bench import run
 
-    return run(batches=(1, 8), repeats=repeats, device="cuda", dtype="fp16", model=str(ckpt), out=None)
+    return run(batches=(1, 8), repeats=repeats, device="cuda", dtype="fp16", model=str(ckpt), out=None,
+               reference=reference)
 
 
 def print_summary(result: dict) -> None:
@@ -240,6 +241,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10, help="engine timings: calls per row")
     parser.add_argument("--quick", action="store_true", help="fewer cases: the defaults against diffusers")
     parser.add_argument("--out", type=Path, default=Path("user_facing.json"))
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="server: concurrent clients")
+    parser.add_argument("--no-engine-reference", action="store_true",
+                        help="engine: skip diffusers' timings (the server's targets compare with the engine only)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the startup part only")
     parser.add_argument("--steps", type=int, default=12, help="startup: steps of the one image")
     parser.add_argument("--rounds", type=int, default=1, help="startup: runs of each case (median reported)")
@@ -272,9 +276,10 @@ def main() -> int:
         elif part == "prompts":
             result["prompts"] = prompts(ckpt, work, cache, quick=args.quick)
         elif part == "server":
-            result["server"] = server(ckpt, work, cache, args.duration)
-        else:
-            result["engine"] = engine(ckpt, args.repeats)
+            result["server"] = server(ckpt, work, cache, args.duration, args.levels)
+        else:  # compiles into the same on-disk cache as the server, so a server part after it starts sooner
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+            result["engine"] = engine(ckpt, args.repeats, reference=not args.no_engine_reference)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print_summary(result)

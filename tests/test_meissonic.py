@@ -189,20 +189,22 @@ def test_forward_tokens_captures_in_a_cuda_graph_without_syncs():
     timesteps = reference_timesteps(4, device="cuda")
     with torch.no_grad():
         ctx = model.condition(text, pooled, micro, grid=(4, 6))
-        step = torch.zeros((), dtype=torch.long, device="cuda")  # the graph reads the step's timestep from here
+        # the graph reads the step's timestep from a static 0-d input, refilled before each replay (as the fast
+        # path does); indexing `timesteps` with a CUDA step tensor would be a host sync
+        timestep = timesteps[0].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
-            model.forward_tokens(ids, ctx, timesteps[step])
+            model.forward_tokens(ids, ctx, timestep)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.cuda.graph(graph):
-                out = model.forward_tokens(ids, ctx, timesteps[step])
+                out = model.forward_tokens(ids, ctx, timestep)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         for i in range(4):
-            step.fill_(i)
+            timestep.copy_(timesteps[i])
             graph.replay()
             torch.testing.assert_close(out, model.forward_tokens(ids, ctx, timesteps[i]), rtol=1e-5, atol=1e-5)

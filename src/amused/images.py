@@ -371,16 +371,16 @@ def save_image(image: PIL.Image.Image, path, metadata: dict | None = None) -> No
     generation settings stored as PNG text chunks ("amused" holds them as JSON)."""
     import json
 
-    from PIL.PngImagePlugin import PngInfo
-
     from .loading import atomic_write
+    from .png import encode_png
 
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out {path}: only .png output is supported (it carries the generation settings)")
-    info = PngInfo()
+    text = {}
     if metadata:
-        info.add_text("amused", json.dumps(metadata, sort_keys=True))
+        text["amused"] = json.dumps(metadata, sort_keys=True)
         if "prompt" in metadata:
-            info.add_text("prompt", str(metadata["prompt"]))
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+            text["prompt"] = str(metadata["prompt"])
+    data = encode_png(image, text)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
