@@ -12,14 +12,21 @@ as a user runs it; then 20 other emoji are generated with "NAME, ink style" befo
   luminance thumbnails (16x16, centred, L2-normalised), so that a blue drawing of a red apple can still find the
   real red apple: a hit when the nearest real image shows the prompted emoji in any style.
 
+With `--prior N` the recipe adds DreamBooth prior preservation (`--with_prior_preservation`): N class images the
+base model draws of other emoji names, without the style word (emoji outside the 200 the 20 are chosen from, so
+the measured prompts are never trained on), weighted `--prior-weight`.
+
     python scripts/single_image_style.py --data data/emoji --out docs/results/single_image_style_cpu.json \\
         --grid docs/images/single_image_style.png
+    python scripts/single_image_style.py --data data/emoji --pick recognised --prior 100 \\
+        --out docs/results/single_image_style_cpu_prior.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -91,6 +98,16 @@ def main() -> None:
                    help="the 20 emoji: a seeded random choice, or the first 20 (same seeded order) that the base "
                         "model draws recognisably with the style prompt (measures what the style keeps)")
     p.add_argument("--reuse", action="store_true", help="keep a LoRA already trained in --work (another --scale)")
+    p.add_argument("--style-word", default=STYLE_WORD, help="the style's words, after the emoji name in every prompt")
+    p.add_argument("--prior", type=int, default=0, help="prior preservation with this many class images (0: off)")
+    p.add_argument("--prior-weight", default="1.0", help="--prior_loss_weight")
+    p.add_argument("--class-dir", help="--class_data_dir (default: <work>/class_N); share one between runs to draw "
+                                       "the class images once")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[0],
+                   help="draw each prompt once per seed (the grid shows the first); --pick recognised chooses on seed "
+                        "0, so seeds other than 0 measure the pick without its selection luck")
+    p.add_argument("--names-from", help="an earlier result JSON: measure its 20 emoji (skips drawing the candidates "
+                                        "of --pick recognised again; the pick depends on --style-word)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -98,52 +115,64 @@ def main() -> None:
     source = next(r for r in rows if r["emoji"] == INSTANCE_EMOJI and r["style"] == "google" and not r.get("skin_tone"))
     instance = ink_drawing(Image.open(Path(args.data) / source["split"] / source["file_name"]))
     instance.save(work / "instance.png")
-    caption = f"{INSTANCE_EMOJI}, {STYLE_WORD}"
+    caption = f"{INSTANCE_EMOJI}, {args.style_word}"
+    # the 20 come from the first 200 of a seeded order of the emoji drawn in all three styles in training; class
+    # prompts (prior preservation) from the rest of that order
+    full = sorted({r["emoji"] for r in rows if r["split"] == "train" and not r.get("skin_tone")} - {INSTANCE_EMOJI})
+    order = [full[k] for k in np.random.default_rng(0).permutation(len(full))]
+    prior = []
+    if args.prior:
+        (work / "class_prompts.txt").write_text("".join(name + "\n" for name in order[200:200 + args.prior]))
+        prior = ["--with_prior_preservation", "--class_data_dir", args.class_dir or str(work / f"class_{args.prior}"),
+                 "--class_prompts_file", str(work / "class_prompts.txt"), "--num_class_images", str(args.prior),
+                 "--prior_loss_weight", args.prior_weight]
     cmd = [sys.executable, "-m", "amused.cli", "finetune", "--pretrained_model_name_or_path", "embedded",
            "--instance_data_image", str(work / "instance.png"), "--instance_prompt", caption, "--resolution", "64",
            "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
            "--lora_target_modules", *args.targets,
            "--learning_rate", args.learning_rate, "--train_batch_size", "4", "--max_train_steps", str(args.steps),
-           "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(work / "lora")]
+           "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(work / "lora"), *prior]
     started = time.perf_counter()
     if not (args.reuse and (work / "lora" / "pytorch_lora_weights.safetensors").is_file()):
         subprocess.run(cmd, check=True)
     train_s = time.perf_counter() - started
 
-    # 20 other emoji drawn in all three styles in training, a seeded choice
-    full = sorted({r["emoji"] for r in rows if r["split"] == "train" and not r.get("skin_tone")} - {INSTANCE_EMOJI})
-    order = [full[k] for k in np.random.default_rng(0).permutation(len(full))]
     pipe = AmusedPipeline.from_pretrained(embedded_model_path())
     real = load_images(args.data, rows)
     db = luminance_features(real)
     emoji = [r["emoji"] for r in rows]
-    if args.pick == "random":
+    if args.names_from:
+        earlier = json.loads(Path(args.names_from).read_text())
+        names = earlier.get("names") or [q.rsplit(", ", 1)[0] for q in earlier["prompts"]]  # older files: no "names"
+    elif args.pick == "random":
         names = order[:20]
     else:  # each candidate drawn alone with seed 0, as the measured images are drawn below
         names = []
         for name in order[:200]:
-            image = generate(pipe, [f"{name}, {STYLE_WORD}"], 0)
+            image = generate(pipe, [f"{name}, {args.style_word}"], 0)
             if emoji[int((luminance_features(image) @ db.T).argmax(1))] == name:
                 names.append(name)
             if len(names) == 20:
                 break
-    prompts = [f"{n}, {STYLE_WORD}" for n in names]
-    before = generate(pipe, prompts, 0)
+    prompts = [f"{n}, {args.style_word}" for n in names]
+    before = torch.cat([generate(pipe, prompts, seed) for seed in args.eval_seeds])  # (S * 20, 3, H, W)
     pipe.load_lora_weights(str(work / "lora"), scale=args.scale)
-    after = generate(pipe, prompts, 0)
+    after = torch.cat([generate(pipe, prompts, seed) for seed in args.eval_seeds])
 
     result = {"pick": args.pick, "instance": {"source": source["text"], "caption": caption, "path": str(work / "instance.png")},
-              "command": " ".join(["amused", *cmd[3:]]), "train_seconds": round(train_s, 1),
-              "lora_scale": args.scale, "prompts": prompts}
+              "command": shlex.join(["amused", *cmd[3:]]), "train_seconds": round(train_s, 1),
+              "lora_scale": args.scale, "prior_class_images": args.prior, "eval_seeds": args.eval_seeds, "names": names,
+              "prompts": prompts}
     for name, images in (("before", before), ("after", after)):
         nearest = (luminance_features(images) @ db.T).argmax(1).tolist()
-        hits = [emoji[j] == n for j, n in zip(nearest, names)]
+        hits = [emoji[j] == n for j, n in zip(nearest, names * len(args.eval_seeds))]
         result[name] = {"ink_share": ink_share(images), "recognised": float(np.mean(hits)),
-                        "neighbours": [[p_, rows[j]["text"]] for p_, j in zip(prompts, nearest)]}
+                        "neighbours": [[p_, rows[j]["text"]] for p_, j in zip(prompts * len(args.eval_seeds), nearest)]}
     result["instance"]["ink_share"] = ink_share(torch.from_numpy(np.array(instance)).permute(2, 0, 1)[None] / 255)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'':<8}{'ink share':>10}{'recognised':>12}   (20 emoji, '{STYLE_WORD}', seed 0)")
+    print(f"{'':<8}{'ink share':>10}{'recognised':>12}   (20 emoji, '{args.style_word}', seeds "
+          f"{' '.join(map(str, args.eval_seeds))})")
     for name in ("before", "after"):
         print(f"{name:<8}{result[name]['ink_share']:>10.1%}{result[name]['recognised']:>12.1%}")
     if args.grid:
@@ -154,7 +183,7 @@ def main() -> None:
         blank = Image.new("RGB", (128, 128), (255, 255, 255))
         big = instance.resize((128, 128), Image.NEAREST)
         grid = make_image_grid([big, *tiles(before[:10]), blank, *tiles(after[:10]),
-                                big, *tiles(before[10:]), blank, *tiles(after[10:])], rows=4, cols=11)
+                                big, *tiles(before[10:20]), blank, *tiles(after[10:20])], rows=4, cols=11)
         grid.save(args.grid)
         print("grid:", args.grid)
 

@@ -262,3 +262,104 @@ def test_every_training_command_takes_embedded_as_the_model():
             assert parser.parse_args(argv).pretrained_model_name_or_path == str(embedded_model_path()), command
     assert parser.parse_args(["finetune", "--pretrained_model_name_or_path", "amused/amused-256", "--output_dir",
                               "x", "--max_train_steps", "1"]).pretrained_model_name_or_path == "amused/amused-256"
+
+
+def prior_args(pipe, images, out, class_dir, *extra, steps=2):
+    """The single-image recipe with prior preservation, on the tiny model."""
+    return ["finetune", "--pretrained_model_name_or_path", str(pipe), "--instance_data_image",
+            str(images / "img_0.png"), "--instance_prompt", "a pattern in sks style", "--resolution", "8",
+            "--use_lora", "--lora_r", "4", "--lora_alpha", "4", "--learning_rate", "1e-2", "--train_batch_size", "2",
+            "--max_train_steps", str(steps), "--logging_steps", "1", "--checkpointing_steps", "0",
+            "--output_dir", str(out), "--with_prior_preservation", "--class_data_dir", str(class_dir), *extra]
+
+
+def test_prior_preservation_draws_class_images_once_and_reuses_them(setup, tmp_path, monkeypatch):
+    import amused.runtime
+
+    pipe, images = setup
+    (tmp_path / "prompts.txt").write_text("red pattern\n\nblue pattern\n")
+    loads = []
+    real_load = amused.runtime.load_engine
+    monkeypatch.setattr(amused.runtime, "load_engine", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    classes = tmp_path / "classes"
+    flags = ["--class_prompts_file", str(tmp_path / "prompts.txt"), "--sample_batch_size", "2", "--debug_log_batches"]
+    main(prior_args(pipe, images, tmp_path / "a", classes, *flags, "--num_class_images", "3"))
+    assert len(loads) == 1 and loads[0]["expected_images"] == 3
+    rows = [json.loads(line) for line in (classes / "metadata.jsonl").read_text().splitlines()]
+    assert rows == [{"file_name": f"class_{i:05d}.png", "text": t}
+                    for i, t in enumerate(["red pattern", "blue pattern", "red pattern"])]
+    assert sorted(p.name for p in classes.iterdir()) == ["class_00000.png", "class_00001.png", "class_00002.png",
+                                                         "metadata.jsonl"]  # no temporary file left
+    batches = [json.loads(line) for line in (tmp_path / "a" / "logs" / "batches_rank0.jsonl").read_text().splitlines()]
+    for batch in batches:  # each batch: the instance twice, then two class images with their own prompts
+        assert batch["captions"][:2] == ["a pattern in sks style"] * 2
+        assert set(batch["captions"][2:]) <= {"red pattern", "blue pattern"}
+    stamps = {p.name: p.stat().st_mtime_ns for p in classes.iterdir()}
+
+    main(prior_args(pipe, images, tmp_path / "b", classes, *flags, "--num_class_images", "3"))  # all there: reused
+    assert len(loads) == 1 and {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == stamps
+    main(prior_args(pipe, images, tmp_path / "c", classes, *flags, "--num_class_images", "4"))  # one more drawn
+    assert len(loads) == 2 and loads[1]["expected_images"] == 1
+    assert all(classes.joinpath(name).stat().st_mtime_ns == t for name, t in stamps.items() if name.endswith(".png"))
+    assert json.loads((classes / "metadata.jsonl").read_text().splitlines()[3]) == {"file_name": "class_00003.png",
+                                                                                   "text": "blue pattern"}
+
+
+def test_prior_loss_weight_adds_the_class_loss(setup, tmp_path):
+    """Same seed, same first batch and masks: the instance loss of step 1 is the same, the logged loss is the
+    instance loss plus prior_loss_weight x the class loss, and the class term changes what is learnt."""
+    pipe, images = setup
+    classes = tmp_path / "classes"
+    logs = {}
+    for weight in ("0", "1"):
+        out = tmp_path / f"w{weight}"
+        main(prior_args(pipe, images, out, classes, "--class_prompt", "a pattern", "--num_class_images", "2",
+                        "--prior_loss_weight", weight, steps=3))
+        logs[weight] = read_log(out)
+    for weight, log in logs.items():
+        for row in log:
+            assert row["prior_loss"] > 1.0  # the class images' masked-token loss, logged in both runs
+            assert row["loss"] == pytest.approx(row["instance_loss"] + float(weight) * row["prior_loss"], rel=1e-5)
+    assert logs["0"][0]["instance_loss"] == pytest.approx(logs["1"][0]["instance_loss"], rel=1e-6)
+    assert logs["0"][0]["prior_loss"] == pytest.approx(logs["1"][0]["prior_loss"], rel=1e-6)
+    a, b = (load_file(str(tmp_path / f"w{w}" / lora.LORA_FILE)) for w in ("0", "1"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the class loss's gradient moved the adapter
+
+
+@pytest.mark.parametrize("extra, match", [
+    ([], "needs --class_data_dir"),
+    (["--class_data_dir", "{tmp}/c"], "exactly one of --class_prompt .* and --class_prompts_file"),
+    (["--class_data_dir", "{tmp}/c", "--class_prompt", "x", "--class_prompts_file", "{tmp}/p.txt"], "exactly one"),
+    (["--class_data_dir", "{tmp}/c", "--class_prompts_file", "{tmp}/missing.txt"],
+     "--class_prompts_file .*missing.txt does not exist"),
+    (["--class_data_dir", "{tmp}/c", "--class_prompts_file", "{tmp}/empty.txt"], "--class_prompts_file .* no prompt"),
+    (["--class_data_dir", "{tmp}/c", "--class_prompt", "x", "--num_class_images", "0"], "--num_class_images must"),
+    (["--class_data_dir", "{tmp}/c", "--class_prompt", "x", "--prior_loss_weight", "-1"], "--prior_loss_weight must"),
+    (["--class_data_dir", "{tmp}/p.txt", "--class_prompt", "x"], "--class_data_dir .* is a file"),
+    (["--class_data_dir", "{tmp}/loose", "--class_prompt", "x", "--num_class_images", "5"],
+     "holds 1 images without metadata.jsonl, fewer than --num_class_images 5"),
+    (["--class_data_dir", "{tmp}/loose", "--class_prompts_file", "{tmp}/p.txt", "--num_class_images", "1"],
+     "caption them with --class_prompt"),
+])
+def test_prior_preservation_argument_errors(setup, tmp_path, extra, match):
+    pipe, images = setup
+    (tmp_path / "p.txt").write_text("a pattern\n")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "mine.png").write_bytes((images / "img_1.png").read_bytes())  # a person's class image
+    argv = prior_args(pipe, images, tmp_path / "out", "x")
+    argv = argv[:argv.index("--class_data_dir")] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    with pytest.raises(ValueError, match=match):
+        main(argv)
+
+
+def test_class_flags_without_prior_preservation_are_refused(setup, tmp_path):
+    pipe, images = setup
+    with pytest.raises(ValueError, match="--class_data_dir, --class_prompt given without --with_prior_preservation"):
+        main(finetune_args(pipe, images, tmp_path / "out", 1, "--class_data_dir", str(tmp_path / "c"),
+                           "--class_prompt", "x"))
+    argv = prior_args(pipe, images, tmp_path / "out", tmp_path / "c", "--class_prompt", "x")
+    at = argv.index("--instance_data_image")
+    argv[at:at + 4] = ["--train_shards", str(tmp_path / "x.tar")]  # instead of the image and its prompt
+    with pytest.raises(ValueError, match="--with_prior_preservation needs images .* not --train_shards"):
+        main(argv)

@@ -6,6 +6,7 @@
     optim.py         AdamW / 8-bit AdamW, LR schedules, optimizer step fused into backward, EMA
     checkpoint.py    atomic, resumable checkpoint directories, keep-last-N
     train.py         `amused train` / `amused finetune` (full or LoRA)
+    prior.py         prior preservation (DreamBooth) for `amused finetune`: class images, paired batches
     vqgan_train.py   `amused train-vqgan`
     cli.py           argparse subcommands
 """

@@ -138,6 +138,19 @@ def _uvit_args(p: argparse.ArgumentParser, finetune: bool) -> None:
     g.add_argument("--text_encoder_lora_alpha", type=float, default=32)
     g.add_argument("--text_encoder_lora_target_modules", nargs="+", default=None,
                    help="default: q_proj k_proj v_proj out_proj (CLIP) or query key value (BERT)")
+    if finetune:
+        g = p.add_argument_group("prior preservation (DreamBooth)",
+                                 "train beside each instance batch on as many images the base model drew of the class "
+                                 "prompts; loss = instance loss + prior_loss_weight * class loss")
+        g.add_argument("--with_prior_preservation", action="store_true")
+        g.add_argument("--class_data_dir", help="folder of class images; the base model draws the missing ones "
+                                                "into it (kept, with their prompts in metadata.jsonl, for reruns)")
+        g.add_argument("--class_prompt", help="one prompt for every class image")
+        g.add_argument("--class_prompts_file", help="instead of --class_prompt: a text file, one prompt a line, used "
+                                                    "in turn (for a style: many subjects, without the style word)")
+        g.add_argument("--num_class_images", type=int, default=100, help="class images to train with")
+        g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class loss")
+        g.add_argument("--sample_batch_size", type=int, default=4, help="batch size drawing class images")
     g = p.add_argument_group("text encoder")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="train all the text encoder's weights with the U-ViT (same optimizer and LR, the U-ViT's "
@@ -167,6 +180,9 @@ FINETUNE_EXAMPLE = """examples:
       --gradient_accumulation_steps 8 --gradient_checkpointing --mixed_precision bf16 --max_train_steps 1000 \\
       --output_dir my_lora/
   full, low memory (one GPU): --weights_dtype bf16 --use_8bit_adam --gradient_checkpointing --fused_optimizer_step
+  one style image, prior preserved: --instance_data_image style.png --instance_prompt "a house in sks style" \\
+      --with_prior_preservation --class_data_dir class_images/ --class_prompts_file subjects.txt \\
+      --num_class_images 100
 """
 VQGAN_EXAMPLE = """example:
   amused train-vqgan --vqgan_config amused --train_data_dir images/ --resolution 256 --train_batch_size 8 \\

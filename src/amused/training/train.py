@@ -4,7 +4,8 @@ Each optimizer step: images -> VQ token ids (frozen VQGAN) and captions -> text 
 (frozen text encoder, LoRA-trained, or fully trained with `--train_text_encoder`), or both read from
 pre-encoded shards; text dropped for classifier-free guidance with probability `--cond_dropout_prob`; a
 cosine-scheduled fraction of tokens masked; cross-entropy with label smoothing on the masked tokens
-(masking.py). Gradient accumulation, clipping, EMA, warmup + decay, mixed precision and DDP/FSDP come from
+(masking.py); with `--with_prior_preservation`, plus `--prior_loss_weight` times the same loss on images the base
+model drew (prior.py). Gradient accumulation, clipping, EMA, warmup + decay, mixed precision and DDP/FSDP come from
 accelerate (`accelerate launch -m amused.cli train ...`); the memory options are `--weights_dtype bf16`,
 `--use_8bit_adam`, `--gradient_checkpointing` and `--fused_optimizer_step` (optim.py). Checkpoints are atomic
 and resumable, with the run's arguments checked on resume (checkpoint.py); the result is saved in the published
@@ -24,6 +25,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -34,6 +36,7 @@ from ..models.uvit import UViT, UViTConfig
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..presets import UVIT_PRESETS
 from . import checkpoint as ckpt
+from . import prior
 from .data import EpochSampler, PreencodedDataset, make_dataset
 from .ema import EMA
 from .masking import drop_text, mask_tokens, masked_loss
@@ -155,6 +158,7 @@ def check_args(args, accelerator) -> None:
     if args.train_text_encoder and args.use_lora:
         raise ValueError("--use_lora saves only adapters, so a --train_text_encoder result would be lost; train "
                          "the U-ViT fully, or use --text_encoder_use_lora")
+    prior.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,6 +200,13 @@ def run(args, mode: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(out)
     set_seed(args.seed or 0, device_specific=True)  # different masks per rank
+    prior_preservation = bool(getattr(args, "with_prior_preservation", False))
+    if prior_preservation:  # before the model is built: the base model draws them, alone on the device
+        if main:
+            made = prior.ensure_class_images(args, device)
+            accelerator.print(f"class images: {made} drawn, {args.num_class_images - made} reused from "
+                              f"{args.class_data_dir}")
+        accelerator.wait_for_everyone()
     comps = build_components(args, mode)
     if not getattr(args, "preencoded_data_dir", None):  # before any work: the first batch would fail deep inside
         vq_factor = comps.vqvae.config.scale_factor
@@ -223,6 +234,8 @@ def run(args, mode: str) -> Path:
     model.train()
 
     dataset = make_dataset(args, accelerator.process_index, accelerator.num_processes)
+    if prior_preservation:
+        dataset = prior.PriorPreservationDataset(dataset, prior.class_dataset(args))
     preencoded = isinstance(dataset, PreencodedDataset)
     frozen_dtype = torch.bfloat16 if "bf16" in (args.mixed_precision, args.weights_dtype) else (
         torch.float16 if args.mixed_precision == "fp16" else torch.float32)
@@ -289,7 +302,7 @@ def run(args, mode: str) -> Path:
     ga = args.gradient_accumulation_steps
     mask_id = unwrapped.config.mask_token_id
     bar = tqdm(total=args.max_train_steps, initial=state["step"], disable=not main, desc=mode)
-    sums = torch.zeros(3, device=device)  # loss, accuracy, micro-batches since the last log
+    sums = torch.zeros(5, device=device)  # loss, accuracy, micro-batches, instance loss, class loss since the log
     norms = []  # gradient norms (before clipping) since the last log
     micro = 0
     clock = (time.perf_counter(), state["step"])  # for images/s between logs
@@ -305,9 +318,10 @@ def run(args, mode: str) -> Path:
             if args.fused_optimizer_step:
                 optimizer.sync = sync
             with (accelerator.no_sync(model) if not sync else nullcontext()):
-                loss, acc = step_loss(batch, model, cond, mask_id, args)
-                accelerator.backward(loss / ga)
-            sums += torch.stack([loss.detach().float(), acc.float(), torch.ones((), device=device)])
+                result = step_loss(batch, model, cond, mask_id, args)
+                accelerator.backward(result.loss / ga)
+            sums += torch.stack([result.loss.detach().float(), result.accuracy.float(), torch.ones((), device=device),
+                                 result.instance_loss.detach().float(), result.prior_loss.detach().float()])
             micro += 1
             state["batch_in_epoch"] += 1
             if not sync:
@@ -324,7 +338,7 @@ def run(args, mode: str) -> Path:
             if state["step"] % args.logging_steps == 0 or state["step"] == args.max_train_steps:
                 images = (state["step"] - clock[1]) * args.train_batch_size * ga * accelerator.num_processes
                 log(accelerator, out, state["step"], sums, scheduler.get_last_lr()[0], bar,
-                    images / (time.perf_counter() - clock[0]), norms)
+                    images / (time.perf_counter() - clock[0]), norms, prior_preservation)
                 sums.zero_()
                 norms = []
                 clock = (time.perf_counter(), state["step"])
@@ -381,18 +395,35 @@ class Conditioner:
         return ids, hidden, pooled, micro
 
 
-def step_loss(batch: dict, model, cond: Conditioner, mask_id: int, args):
-    """Masked-token loss and accuracy of one micro-batch."""
+class StepLoss(NamedTuple):
+    loss: torch.Tensor  # scalar to minimise: instance loss + prior_loss_weight * prior loss
+    accuracy: torch.Tensor  # masked-token accuracy on the instance examples (no grad)
+    instance_loss: torch.Tensor  # scalar, the instance examples' loss
+    prior_loss: torch.Tensor  # scalar, the class examples' loss (0 without prior preservation)
+
+
+def step_loss(batch: dict, model, cond: Conditioner, mask_id: int, args) -> StepLoss:
+    """Masked-token loss and accuracy of one micro-batch; with prior preservation (`batch["is_prior"]`, prior.py)
+    the class examples' loss is added with weight --prior_loss_weight."""
     ids, hidden, pooled, micro = cond(batch)
     dtype = DTYPES[args.weights_dtype]
     masked = mask_tokens(ids, mask_id, args.min_masking_rate)
     logits = model(masked.input_ids, hidden.to(dtype), pooled.to(dtype), micro.to(dtype))  # (B, V, h, w)
-    return masked_loss(logits, ids, masked.mask, args.label_smoothing)
+    is_prior = batch.get("is_prior")
+    if is_prior is None:
+        loss, accuracy = masked_loss(logits, ids, masked.mask, args.label_smoothing)
+        return StepLoss(loss, accuracy, loss, torch.zeros((), device=loss.device))
+    is_prior = is_prior.to(ids.device)
+    part = lambda keep: masked_loss(logits[keep], ids[keep], masked.mask[keep], args.label_smoothing)  # noqa: E731
+    instance, cls = part(~is_prior), part(is_prior)
+    return StepLoss(instance.loss + args.prior_loss_weight * cls.loss, instance.accuracy, instance.loss, cls.loss)
 
 
 def log(accelerator, out: Path, step: int, sums: torch.Tensor, lr: float, bar, images_per_s: float,
-        grad_norms: list[torch.Tensor]) -> None:
+        grad_norms: list[torch.Tensor], prior_preservation: bool = False) -> None:
     """Reduce the running sums over processes; progress bar, logs/train_log.jsonl and trackers.
+
+    With prior preservation, `loss` is the weighted sum and `instance_loss` / `prior_loss` its two terms.
 
     `grad_norms` are the global norms `clip_grad_norm_` returned since the last log (the same on every process);
     their mean is logged. The peak memory is the largest `torch.cuda.max_memory_allocated` of any process so far.
@@ -405,6 +436,8 @@ def log(accelerator, out: Path, step: int, sums: torch.Tensor, lr: float, bar, i
         peak = float(accelerator.gather(mine).max()) / 2 ** 30
     metrics = {"loss": float(totals[0]) / n, "masked_accuracy": float(totals[1]) / n, "lr": lr,
                "images_per_s": images_per_s, "max_memory_allocated_gib": peak}
+    if prior_preservation:
+        metrics.update(instance_loss=float(totals[3]) / n, prior_loss=float(totals[4]) / n)
     if grad_norms:
         local = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in grad_norms]  # FSDP2: DTensor
         metrics["grad_norm"] = float(torch.stack([x.detach().float().reshape(()) for x in local]).mean())
