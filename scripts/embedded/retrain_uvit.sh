@@ -20,7 +20,7 @@ RUNS=${RUNS:-"uvit uvit_flat uvit_flat_clip"}
 UVIT_SECONDS=${UVIT_SECONDS:-300}; BATCH=${BATCH:-512}; LR=${LR:-8e-4}; WARMUP=${WARMUP:-300}; MP=${MP:-bf16}
 TIMING_STEPS=${TIMING_STEPS:-200}; EVAL_N=${EVAL_N:-200}; EVAL_DEVICE=${EVAL_DEVICE:-cuda}
 COMPILE=${COMPILE---compile}  # COMPILE= (empty) trains eagerly
-VQ=src/amused/assets/amused-emoji-64/vqvae
+VQ=${VQ:-src/amused/assets/amused-emoji-64/vqvae}  # VQ=.stage/vqvae: the VQGAN split_stage.py --vq carried
 AM="python3 -m amused.cli"
 mkdir -p "$W" "$OUT"
 python3 scripts/embedded/join_stage.py
