@@ -33,3 +33,21 @@ def test_batched_calls_pad_to_a_warmed_size_only_on_the_fast_path():
     assert [graphed.bucket(n) for n in (1, 2, 7, 8, 9)] == [1, 8, 8, 8, 9]
     plain = Engine(pipe=None, model_name="x", fast="off", reference_stream=False, warmed=[1, 8])
     assert plain.bucket(3) == 3  # padding would only add work on the plain loop
+
+
+def test_thread_count_from_the_environment(monkeypatch):
+    import torch
+
+    from amused.runtime import configure_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("AMUSED_NUM_THREADS", " ")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_cpu_threads() == 1  # a blank AMUSED_NUM_THREADS falls through to OMP_NUM_THREADS
+        for bad in ("0", "two", "-3"):
+            monkeypatch.setenv("AMUSED_NUM_THREADS", bad)
+            with pytest.raises(ValueError, match=f"AMUSED_NUM_THREADS='{bad}' must be a whole number >= 1 of threads"):
+                configure_cpu_threads()
+    finally:
+        torch.set_num_threads(before)

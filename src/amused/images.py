@@ -109,16 +109,10 @@ class ImageError(ValueError):
 def max_image_pixels(override: int | None = None) -> int:
     """The pixel limit in force: `override`, else $AMUSED_MAX_IMAGE_PIXELS, else `MAX_IMAGE_PIXELS`."""
     if override is None:
-        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
-        if not text:
-            return MAX_IMAGE_PIXELS
-        try:
-            override = int(text)
-        except ValueError:
-            raise ValueError(f"{MAX_PIXELS_ENV}={text!r} is not a whole number of pixels") from None
-        if override < 1:
-            raise ValueError(f"{MAX_PIXELS_ENV}={text!r} must be a positive number of pixels")
-    elif isinstance(override, bool) or not isinstance(override, int) or override < 1:
+        from .env import positive_int_env
+
+        return positive_int_env(MAX_PIXELS_ENV, unit="pixels") or MAX_IMAGE_PIXELS
+    if isinstance(override, bool) or not isinstance(override, int) or override < 1:
         raise ValueError(f"max_pixels must be a positive whole number of pixels, got {override!r}")
     return override
 

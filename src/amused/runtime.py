@@ -83,15 +83,10 @@ def configure_cpu_threads() -> int:
     cores another job shared (benchmarks/cpu_threads.py, docs/results/cpu_threads*.json)."""
     import torch
 
-    wanted = os.environ.get("AMUSED_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    if wanted:
-        try:
-            threads = int(wanted)
-        except ValueError:
-            raise ValueError(f"AMUSED_NUM_THREADS / OMP_NUM_THREADS must be a whole number, got {wanted!r}") from None
-        if threads < 1:
-            raise ValueError(f"AMUSED_NUM_THREADS / OMP_NUM_THREADS must be >= 1, got {threads}")
-    else:
+    from .env import positive_int_env
+
+    threads = positive_int_env("AMUSED_NUM_THREADS", "OMP_NUM_THREADS", unit="threads")
+    if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = cores if cores <= 2 else cores - 1
     if torch.get_num_threads() != threads:
