@@ -5,6 +5,7 @@
 # the shipped decoder reads; same batch, learning rate and wall-clock budget):
 #   uvit            the shipped architecture (16x16 tokens, 8x8 inside the transformer), MiniLM, pre-encoded
 #   uvit_flat       config.UVIT_FLAT: the transformer on all 16x16 tokens, MiniLM, pre-encoded
+#   uvit_l6         config.UVIT_L6: six transformer layers, wider MLPs (12.3 M parameters with 4096 codes)
 #   uvit_flat_clip  uvit_flat with a CLIP-architecture encoder trained here from scratch with the U-ViT
 #                   (--train_text_encoder, BPE learnt from the captions): the text-encoder comparison
 # A short concurrent timing run sets each run's step count so that its cosine schedule ends on time. Each run
@@ -32,15 +33,17 @@ echo "== pre-encode $(date +%T)"
   --train_data_dir "$W/data/train" --resolution 64 --center_crop --batch_size 1024 --output_dir "$W/enc" 2>&1 | tail -2
 python3 scripts/embedded/make_clip_text.py --captions "$W/data/train/metadata.jsonl" --out "$W/clip" > "$W/clip_text.log" 2>&1
 python3 - <<EOF
-import sys; sys.path.insert(0, "scripts/embedded"); import config
-config.write_transformer_json("$S/minilm", "$W/uvit.json", "uvit")
-config.write_transformer_json("$S/minilm", "$W/uvit_flat.json", "uvit_flat")
-config.write_transformer_json("$W/clip", "$W/uvit_flat_clip.json", "uvit_flat")
+import json, sys; sys.path.insert(0, "scripts/embedded"); import config
+codes = json.load(open("$VQ/config.json"))["num_vq_embeddings"]  # the U-ViT predicts this VQGAN's codes
+config.write_transformer_json("$S/minilm", "$W/uvit.json", "uvit", codes)
+config.write_transformer_json("$S/minilm", "$W/uvit_flat.json", "uvit_flat", codes)
+config.write_transformer_json("$S/minilm", "$W/uvit_l6.json", "uvit_l6", codes)
+config.write_transformer_json("$W/clip", "$W/uvit_flat_clip.json", "uvit_flat", codes)
 EOF
 
 run_args() {  # RUN [compile flag]: the data, text encoder and architecture of one run
   case $1 in
-    uvit|uvit_flat) echo "--transformer_config $W/$1.json --text_encoder_path $S/minilm --preencoded_data_dir $W/enc" \
+    uvit|uvit_flat|uvit_l6) echo "--transformer_config $W/$1.json --text_encoder_path $S/minilm --preencoded_data_dir $W/enc" \
                          "--dataloader_num_workers 2 ${2-}" ;;
     uvit_flat_clip) echo "--transformer_config $W/$1.json --text_encoder_path $W/clip --train_text_encoder" \
                          "--train_data_dir $W/data/train --resolution 64 --center_crop --dataloader_num_workers 6" ;;
