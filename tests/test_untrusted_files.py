@@ -230,9 +230,10 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
         images.save_image(PIL.Image.new("RGB", (4, 4)), tmp_path / "a.png")
         atomic_write(tmp_path / "b.bin", lambda tmp: tmp.write_bytes(b"x"))
         lora.write_json(tmp_path / "c.json", {})
+        atomic_write(tmp_path / "d.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))
     finally:
         os.umask(old)
-    for name in ("a.png", "b.bin", "c.json"):
+    for name in ("a.png", "b.bin", "c.json", "d.safetensors"):  # safetensors replaces the temp file with a 0600 one
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from . import int8
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -104,7 +106,12 @@ def load_state_dict(path: Path, device: str | torch.device | None = None) -> dic
     device = str(device or "cpu")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path), device=device)
+            state = load_file(str(path), device=device)
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            if metadata.get(int8.METADATA_KEY) == int8.METADATA_VALUE:  # a compact file (amused.int8)
+                state = int8.dequantize(state, path)
+            return state
         return torch.load(str(path), map_location=device, weights_only=True)  # only reached with allow_pickle
     except (SafetensorError, OSError, RuntimeError, Exception) as e:
         raise CheckpointError(f"corrupt or unreadable weight file {path}: {e}") from e
@@ -225,12 +232,16 @@ def atomic_write(path: Path, write) -> None:
     The temp file beside `path`, `.NAME.amused-PID-RANDOM.tmp`, carries amused's marker and its writer's pid, so
     `clean_stale_temps` can remove it after a SIGKILL without touching a live writer's or anyone else's. It is
     created with mode 0666 and the kernel applies the umask, so the file gets the permissions any new file would
-    (0644 under the usual 022), not mkstemp's 0600, and without changing the process umask to read it.
+    (0644 under the usual 022), not mkstemp's 0600, and without changing the process umask to read it. A writer
+    that replaces the file instead of writing into it (safetensors' `save_file` leaves 0600) gets that mode back.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path)
     try:
+        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask
         write(tmp)
+        if tmp.stat().st_mode & 0o777 != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -294,9 +305,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def save_model(model: nn.Module, folder: Path, class_name: str, variant: str | None = None) -> None:
-    """config.json + safetensors weights, as diffusers writes them."""
+def save_model(model: nn.Module, folder: Path, class_name: str, variant: str | None = None,
+               int8_weights: bool = False) -> None:
+    """config.json + safetensors weights, as diffusers writes them; `int8_weights`: the compact form of
+    `amused.int8` (amused reads it, diffusers does not)."""
     write_json(folder / "config.json", config_to_dict(model.config, class_name))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt"}
+    if int8_weights:
+        state, extra = int8.quantize(state)
+        metadata.update(extra)
     stem = f"{WEIGHTS_NAME}.{variant}" if variant else WEIGHTS_NAME
-    atomic_write(folder / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(folder / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp), metadata=metadata))
