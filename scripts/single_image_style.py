@@ -16,10 +16,21 @@ With `--prior N` the recipe adds DreamBooth prior preservation (`--with_prior_pr
 base model draws of other emoji names, without the style word (emoji outside the 200 the 20 are chosen from, so
 the measured prompts are never trained on), weighted `--prior-weight`.
 
+With `--feedback-rounds R` the recipe becomes StyleDrop's iterative training with feedback (Sohn et al., 2023,
+section 3.3; they scored with humans or CLIP, here with the two measures above): after a round, the round's LoRA
+draws `--feedback-pool` other emoji (names after the class prompts in the same order, so disjoint from the 200 the
+20 come from and from the class prompts), the images the retrieval recognises are ranked by their ink share, the
+best `--feedback-keep` are written with their prompts (and the instance image) into an image folder with a
+metadata.jsonl, and a fresh LoRA is trained on that folder (`amused finetune --train_data_dir`) with the same
+settings, prior preservation included. The measured "after" is the last round's LoRA.
+
     python scripts/single_image_style.py --data data/emoji --out docs/results/single_image_style_cpu.json \\
         --grid docs/images/single_image_style.png
     python scripts/single_image_style.py --data data/emoji --pick recognised --prior 100 \\
         --out docs/results/single_image_style_cpu_prior.json
+    python scripts/single_image_style.py --data data/emoji --prior 100 --feedback-rounds 1 --feedback-pool 200 \\
+        --feedback-keep 20 --names-from docs/results/single_image_style_cpu_prior100_recognised.json \\
+        --out docs/results/single_image_style_cpu_feedback.json
 """
 
 from __future__ import annotations
@@ -70,6 +81,34 @@ def ink_share(images: torch.Tensor) -> float:
     return float(near.mean())
 
 
+def ink_shares(images: torch.Tensor) -> list[float]:
+    """`ink_share` of each image alone."""
+    return [ink_share(image[None]) for image in images]
+
+
+def pick_feedback(ink: list[float], recognised: list[bool], keep: int) -> list[int]:
+    """StyleDrop's feedback on our two measures: of the images the retrieval recognises (content kept), the `keep`
+    with the highest ink share (most style), best first. Returns indices; fewer than `keep` when fewer are
+    recognised."""
+    hits = [k for k, hit in enumerate(recognised) if hit]
+    return sorted(hits, key=lambda k: -ink[k])[:keep]
+
+
+def write_image_folder(folder: Path, images: list[Image.Image], captions: list[str]) -> None:
+    """An image folder as `amused finetune --train_data_dir` reads it: NNNNN.png and metadata.jsonl (file_name,
+    text)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for k, (image, caption) in enumerate(zip(images, captions)):
+            image.save(folder / f"{k:05d}.png")
+            f.write(json.dumps({"file_name": f"{k:05d}.png", "text": caption}) + "\n")
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> RGB image."""
+    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
 def luminance_features(images: torch.Tensor) -> torch.Tensor:
     lum = (images * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
     thumbs = F.adaptive_avg_pool2d(lum, 16).flatten(1)
@@ -108,6 +147,13 @@ def main() -> None:
                         "0, so seeds other than 0 measure the pick without its selection luck")
     p.add_argument("--names-from", help="an earlier result JSON: measure its 20 emoji (skips drawing the candidates "
                                         "of --pick recognised again; the pick depends on --style-word)")
+    p.add_argument("--feedback-rounds", type=int, default=0,
+                   help="StyleDrop's iterative training with feedback: this many more rounds, each a fresh LoRA on "
+                        "the previous round's best images (0: off)")
+    p.add_argument("--feedback-pool", type=int, default=200, help="emoji names the round's LoRA draws (seed 0)")
+    p.add_argument("--feedback-keep", type=int, default=20,
+                   help="of the pool images the retrieval recognises, this many with the most ink are trained on")
+    p.add_argument("--feedback-scale", type=float, default=1.0, help="LoRA scale when drawing the pool")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -126,16 +172,23 @@ def main() -> None:
         prior = ["--with_prior_preservation", "--class_data_dir", args.class_dir or str(work / f"class_{args.prior}"),
                  "--class_prompts_file", str(work / "class_prompts.txt"), "--num_class_images", str(args.prior),
                  "--prior_loss_weight", args.prior_weight]
-    cmd = [sys.executable, "-m", "amused.cli", "finetune", "--pretrained_model_name_or_path", "embedded",
-           "--instance_data_image", str(work / "instance.png"), "--instance_prompt", caption, "--resolution", "64",
-           "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
-           "--lora_target_modules", *args.targets,
-           "--learning_rate", args.learning_rate, "--train_batch_size", "4", "--max_train_steps", str(args.steps),
-           "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(work / "lora"), *prior]
-    started = time.perf_counter()
-    if not (args.reuse and (work / "lora" / "pytorch_lora_weights.safetensors").is_file()):
-        subprocess.run(cmd, check=True)
-    train_s = time.perf_counter() - started
+
+    def finetune(data: list[str], output_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "amused.cli", "finetune", "--pretrained_model_name_or_path", "embedded",
+                *data, "--resolution", "64", "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
+                "--lora_target_modules", *args.targets,
+                "--learning_rate", args.learning_rate, "--train_batch_size", "4", "--max_train_steps", str(args.steps),
+                "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(output_dir), *prior]
+
+    def train(cmd: list[str], output_dir: Path) -> float:
+        started = time.perf_counter()
+        if not (args.reuse and (output_dir / "pytorch_lora_weights.safetensors").is_file()):
+            subprocess.run(cmd, check=True)
+        return time.perf_counter() - started
+
+    lora = work / "lora"
+    cmd = finetune(["--instance_data_image", str(work / "instance.png"), "--instance_prompt", caption], lora)
+    train_s = train(cmd, lora)
 
     pipe = AmusedPipeline.from_pretrained(embedded_model_path())
     real = load_images(args.data, rows)
@@ -156,13 +209,41 @@ def main() -> None:
                 break
     prompts = [f"{n}, {args.style_word}" for n in names]
     before = torch.cat([generate(pipe, prompts, seed) for seed in args.eval_seeds])  # (S * 20, 3, H, W)
-    pipe.load_lora_weights(str(work / "lora"), scale=args.scale)
+
+    feedback = []
+    pool_names = order[200 + args.prior:200 + args.prior + args.feedback_pool]  # after the class prompts
+    for round_ in range(1, args.feedback_rounds + 1):
+        folder, previous, lora = work / f"feedback_{round_}", lora, work / f"lora_round{round_ + 1}"
+        if args.reuse and (folder / "feedback.json").is_file() and (lora / "pytorch_lora_weights.safetensors").is_file():
+            feedback.append(json.loads((folder / "feedback.json").read_text()))  # another --scale: no new pool
+            continue
+        pipe.load_lora_weights(str(previous), scale=args.feedback_scale)
+        pool = generate(pipe, [f"{n}, {args.style_word}" for n in pool_names], 0)  # (pool, 3, H, W)
+        pipe.unload_lora_weights()
+        ink = ink_shares(pool)
+        recognised = [emoji[j] == n for j, n in zip((luminance_features(pool) @ db.T).argmax(1).tolist(), pool_names)]
+        kept = pick_feedback(ink, recognised, args.feedback_keep)
+        write_image_folder(folder, [instance] + [to_pil(pool[k]) for k in kept],
+                           [caption] + [f"{pool_names[k]}, {args.style_word}" for k in kept])
+        round_cmd = finetune(["--train_data_dir", str(folder)], lora)
+        round_s = train(round_cmd, lora)
+        feedback.append({"round": round_ + 1, "pool": len(pool_names), "pool_ink_share": ink_share(pool),
+                         "pool_recognised": float(np.mean(recognised)), "kept": [pool_names[k] for k in kept],
+                         "kept_ink_share": [round(ink[k], 4) for k in kept],
+                         "command": shlex.join(["amused", *round_cmd[3:]]), "train_seconds": round(round_s, 1)})
+        (folder / "feedback.json").write_text(json.dumps(feedback[-1], indent=1) + "\n")
+        print(f"round {round_ + 1}: kept {len(kept)} of {len(pool_names)} (pool: ink {ink_share(pool):.1%}, "
+              f"recognised {np.mean(recognised):.1%})", flush=True)
+
+    pipe.load_lora_weights(str(lora), scale=args.scale)
     after = torch.cat([generate(pipe, prompts, seed) for seed in args.eval_seeds])
 
     result = {"pick": args.pick, "instance": {"source": source["text"], "caption": caption, "path": str(work / "instance.png")},
               "command": shlex.join(["amused", *cmd[3:]]), "train_seconds": round(train_s, 1),
               "lora_scale": args.scale, "prior_class_images": args.prior, "eval_seeds": args.eval_seeds, "names": names,
               "prompts": prompts}
+    if feedback:
+        result["feedback"] = {"scale": args.feedback_scale, "keep": args.feedback_keep, "rounds": feedback}
     for name, images in (("before", before), ("after", after)):
         nearest = (luminance_features(images) @ db.T).argmax(1).tolist()
         hits = [emoji[j] == n for j, n in zip(nearest, names * len(args.eval_seeds))]
@@ -177,9 +258,7 @@ def main() -> None:
         print(f"{name:<8}{result[name]['ink_share']:>10.1%}{result[name]['recognised']:>12.1%}")
     if args.grid:
         def tiles(images):
-            return [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize((128, 128),
-                                                                                                         Image.NEAREST)
-                    for im in images]
+            return [to_pil(im).resize((128, 128), Image.NEAREST) for im in images]
         blank = Image.new("RGB", (128, 128), (255, 255, 255))
         big = instance.resize((128, 128), Image.NEAREST)
         grid = make_image_grid([big, *tiles(before[:10]), blank, *tiles(after[:10]),
