@@ -57,8 +57,18 @@ def env() -> dict:
             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def run(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+        if result.returncode == 0 or NATIVE_ABORT not in result.stderr or attempt:
+            break
+        # A worker aborted inside the C++ runtime mid-training (gloo on 2 shared CPU cores: seen once in six full
+        # runs of this suite, never in a rerun); run the same command once more, from scratch unless it resumes.
+        if "--resume_from_checkpoint" not in cmd:
+            shutil.rmtree(cmd[cmd.index("--output_dir") + 1], ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
