@@ -58,36 +58,15 @@ while [ $(( $(date +%s) - START )) -lt "$DEADLINE" ] && pgrep -f "output_dir $W/
 echo "== deadline or U-ViT done at $(( $(date +%s) - START )) s $(date +%T)"
 sleep 5
 pkill -f "train-vqgan" || true; pkill -f "output_dir $W/uvit" || true; sleep 5
-python3 - "$W" "$OUT" <<'PY'
-"""Ship fp16 weights of each run: the saved model when the run finished, else its last checkpoint."""
-import json, shutil, sys
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-w, out = Path(sys.argv[1]), Path(sys.argv[2])
-summary = {}
-for name, part, prefix in (("uvit", "transformer", ""), ("dec", "vqvae", "vq."), ("vq1024", "vqvae", "vq."),
-                           ("vq4096", "vqvae", "vq.")):
-    run = w / name
-    final = run / part / "diffusion_pytorch_model.safetensors"
-    ckpts = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if final.is_file():
-        state, source = load_file(final), "final"
-    elif ckpts:
-        state, source = load_file(ckpts[-1] / "model.safetensors"), ckpts[-1].name
-        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # compiled blocks' keys
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
-    else:
-        summary[name] = "nothing saved"; continue
-    save_file({k: v.half().contiguous() for k, v in state.items()}, out / f"{name}.fp16.safetensors")
-    cfg = run / part / "config.json"
-    shutil.copy(cfg if cfg.is_file() else (w / "pipe" / part / "config.json" if name in ("uvit", "dec")
-                else w / f"{name}.json"), w / "res" / f"{name}.config.json")
-    for log in (run / "logs").glob("*.jsonl"):
-        shutil.copy(log, w / "res" / f"{name}_{log.name}")
-    summary[name] = source
-print(json.dumps(summary))
-(w / "res" / "shipped_from.json").write_text(json.dumps(summary))
-PY
+for spec in "uvit transformer" "dec vqvae vq." "vq1024 vqvae vq." "vq4096 vqvae vq."; do
+  set -- $spec; name=$1; part=$2; prefix=${3:-}
+  source=$(python3 scripts/embedded/export_fp16.py "$W/$name" "$part" "$prefix" "$OUT/$name.fp16.safetensors") || continue
+  echo "$name: $source" >> "$W/res/shipped_from.txt"
+  cfg="$W/$name/$part/config.json"  # the run's own, else the pipeline's (runs from it) or the from-scratch config
+  if [ ! -f "$cfg" ]; then case $name in uvit|dec) cfg="$W/pipe/$part/config.json" ;; *) cfg="$W/$name.json" ;; esac; fi
+  cp "$cfg" "$W/res/$name.config.json"
+  for log in "$W/$name"/logs/*.jsonl; do if [ -f "$log" ]; then cp "$log" "$W/res/${name}_$(basename "$log")"; fi; done
+done
 tar czf "$OUT/results.tgz" -C "$W" res
 # The U-ViT's resumable state, split for transport.
 last=$(ls -d "$W"/uvit/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1 || true)

@@ -29,30 +29,10 @@ while kill -0 $PID 2> /dev/null && [ $(( $(date +%s) - START )) -lt "$DEADLINE" 
 echo "== stop at $(( $(date +%s) - START )) s $(date +%T)"
 pkill -CONT -f train-vqgan || true
 kill $PID 2> /dev/null || true; sleep 5; pkill -f train-vqgan || true; sleep 2
-python3 - "$W" "$OUT/vq" <<'PY'
-"""fp16 weights of the run's final model, else of its last checkpoint; the logs."""
-import json, shutil, sys
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-w, out = Path(sys.argv[1]), Path(sys.argv[2])
-run = w / "run"
-final = run / "vqvae" / "diffusion_pytorch_model.safetensors"
-ckpts = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-if final.is_file():
-    state, source = load_file(final), "final"
-elif not ckpts:
-    sys.exit("no checkpoint was written before the deadline")
-else:
-    state, source = load_file(ckpts[-1] / "model.safetensors"), ckpts[-1].name
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-    state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
-save_file({k: v.half().contiguous() for k, v in state.items()}, out / "vq4096_long.fp16.safetensors")
-shutil.copy(w / "stage" / "init" / "vqvae" / "config.json", out / "vq4096_long.config.json")
-for log in (run / "logs").glob("*.jsonl"):
-    shutil.copy(log, out / f"vq4096_long_{log.name}")
-(out / "source.json").write_text(json.dumps({"weights_from": source}))
-print("exported", source)
-PY
+source=$(python3 scripts/embedded/export_fp16.py "$W/run" vqvae vq. "$OUT/vq/vq4096_long.fp16.safetensors")
+echo "{\"weights_from\": \"$source\"}" > "$OUT/vq/source.json"
+cp "$W/stage/init/vqvae/config.json" "$OUT/vq/vq4096_long.config.json"
+for log in "$W"/run/logs/*.jsonl; do if [ -f "$log" ]; then cp "$log" "$OUT/vq/vq4096_long_$(basename "$log")"; fi; done
 tr '\r' '\n' < "$W/train.log" | tail -40 > "$OUT/vq/train_log_tail.txt"
 last=$(ls -d "$W"/run/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1 || true)
 if [ -n "$last" ]; then
