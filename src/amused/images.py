@@ -360,21 +360,26 @@ def check_output_path(path, flag: str = "--out") -> Path:
     return path
 
 
+def png_text(metadata: dict | None) -> dict[str, str]:
+    """The PNG text chunks that carry generation settings: "amused" (all of them, JSON) and "prompt"."""
+    import json
+
+    if not metadata:
+        return {}
+    text = {"amused": json.dumps(metadata, sort_keys=True)}
+    if "prompt" in metadata:
+        text["prompt"] = str(metadata["prompt"])
+    return text
+
+
 def save_image(image: PIL.Image.Image, path, metadata: dict | None = None) -> None:
     """Write a PNG atomically (temp file + rename: an interrupted run leaves no half-written image), with the
     generation settings stored as PNG text chunks ("amused" holds them as JSON)."""
-    import json
-
     from .loading import atomic_write
     from .png import encode_png
 
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out {path}: only .png output is supported (it carries the generation settings)")
-    text = {}
-    if metadata:
-        text["amused"] = json.dumps(metadata, sort_keys=True)
-        if "prompt" in metadata:
-            text["prompt"] = str(metadata["prompt"])
-    data = encode_png(image, text)
+    data = encode_png(image, png_text(metadata))
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -28,7 +28,6 @@ whose deadline passed before it started, or whose client gave up, is dropped wit
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import secrets
 import threading
@@ -329,7 +328,7 @@ class Batcher:
 def png_bytes(image, metadata: dict[str, Any]) -> bytes:
     """PNG file bytes with the settings in text chunks, laid out as `amused.images.save_image` writes them
     (`amused.png.encode_png`: several times faster than Pillow's encoder)."""
+    from ..images import png_text
     from ..png import encode_png
 
-    return encode_png(image, {"amused": json.dumps(metadata, sort_keys=True),
-                              "prompt": str(metadata.get("prompt", ""))})
+    return encode_png(image, png_text(metadata))
