@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,6 +40,37 @@ class StepState:
     tokens: torch.Tensor  # (B, h, w) kept tokens; the mask token where still undecided
     predicted: torch.Tensor  # (B, h, w) the sampled token at every position this step
     confidence: torch.Tensor  # (B, h, w) float32 log-prob (+ noise) of each sample; +inf where already known
+
+
+@dataclass
+class CallOptions:
+    """The `__call__` arguments every task shares (documented on `AmusedPipeline.__call__`), as one object on
+    their way to `_generate`; each task adds its own (its image, mask, strength, start grid)."""
+
+    prompt: str | list[str] | None
+    negative_prompt: str | list[str] | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    num_images_per_prompt: int
+    generator: torch.Generator | None
+    prompt_embeds: torch.Tensor | None
+    encoder_hidden_states: torch.Tensor | None
+    negative_prompt_embeds: torch.Tensor | None
+    negative_encoder_hidden_states: torch.Tensor | None
+    output_type: str
+    return_dict: bool
+    callback: Callable[[int, int, torch.Tensor], None] | None
+    callback_steps: int
+    return_steps: bool
+    micro_conditioning_aesthetic_score: float
+    micro_conditioning_crop_coord: tuple[int, int]
+    temperature: float | tuple[float, float] | None
+    sampler: str | None
+
+    @classmethod
+    def of(cls, call: dict[str, Any]) -> "CallOptions":
+        """The shared options out of a task's `__call__` namespace (`locals()`)."""
+        return cls(**{f.name: call[f.name] for f in fields(cls)})
 
 
 @dataclass
@@ -280,22 +311,22 @@ class AmusedPipeline:
                              f"({MAX_SAMPLE_SIZE} tokens of {self.vae_scale_factor} px)")
 
     @torch.inference_mode()
-    def _generate(self, *, prompt, negative_prompt, tokens_fn, height, width, num_inference_steps, guidance_scale,
-                  num_images_per_prompt, generator, prompt_embeds, encoder_hidden_states, negative_prompt_embeds,
-                  negative_encoder_hidden_states, output_type, return_dict, callback, callback_steps, return_steps,
-                  micro_conditioning_aesthetic_score, micro_conditioning_crop_coord, temperature, schedule,
-                  sampler=None):
-        num_inference_steps, guidance_scale, temperature = self.resolve_defaults(num_inference_steps, guidance_scale,
-                                                                                 temperature)
-        sampler = self.resolve_sampler(sampler)
-        self._check_common(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+    def _generate(self, o: CallOptions, *, tokens_fn, height: int, width: int, schedule: str | None):
+        """The decode every task shares: `o` carries the task's `__call__` options, `tokens_fn(batch, h, w)` gives
+        the starting grid (`StartGrid`), `schedule` the masking schedule (None: the scheduler's)."""
+        num_inference_steps, guidance_scale, temperature = self.resolve_defaults(o.num_inference_steps,
+                                                                                 o.guidance_scale, o.temperature)
+        sampler = self.resolve_sampler(o.sampler)
+        output_type, generator, callback, callback_steps = o.output_type, o.generator, o.callback, o.callback_steps
+        self._check_common(num_inference_steps, guidance_scale, o.num_images_per_prompt, output_type)
         self.check_size(height, width, "height/width")
         guided = guidance_scale > 1.0
-        embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
-                                    encoder_hidden_states, negative_prompt_embeds, negative_encoder_hidden_states)
+        embeds = self.encode_prompt(o.prompt, o.negative_prompt, o.num_images_per_prompt, guided, o.prompt_embeds,
+                                    o.encoder_hidden_states, o.negative_prompt_embeds,
+                                    o.negative_encoder_hidden_states)
         batch = embeds.hidden.shape[0] // (2 if guided else 1)
-        crop_top, crop_left = micro_conditioning_crop_coord
-        micro_conds = torch.tensor([width, height, crop_top, crop_left, micro_conditioning_aesthetic_score],
+        crop_top, crop_left = o.micro_conditioning_crop_coord
+        micro_conds = torch.tensor([width, height, crop_top, crop_left, o.micro_conditioning_aesthetic_score],
                                    dtype=embeds.hidden.dtype).to(self.device, non_blocking=True)  # not blocking:
         # the host goes on preparing the decode while the text encoder's kernels run
         micro_conds = micro_conds[None].expand(embeds.hidden.shape[0], -1)  # (B or 2B, 5)
@@ -303,7 +334,7 @@ class AmusedPipeline:
         f = self.vae_scale_factor
         start = tokens_fn(batch, height // f, width // f)
         draw = _draw_for(generator, self.device)
-        steps: list[StepState] | None = [] if return_steps else None
+        steps: list[StepState] | None = [] if o.return_steps else None
 
         def on_step(i, result):  # the loop's hook: record steps and/or call the user's callback
             shape = start.tokens.shape
@@ -313,7 +344,7 @@ class AmusedPipeline:
             if callback is not None and ((i - start.start_step) % callback_steps == 0 or i == num_inference_steps - 1):
                 callback(i, num_inference_steps - 1 - i, result.tokens.view(shape))
 
-        user_callback = on_step if (callback is not None or return_steps) else None
+        user_callback = on_step if (callback is not None or o.return_steps) else None
         schedule = schedule or self.scheduler.masking_schedule
         images = None
         if self._fast is not None and draw == "gumbel" and self._fast.supports(generator):
@@ -334,7 +365,7 @@ class AmusedPipeline:
                                      schedule=schedule, temperature=temperature, total=start.total, draw=draw,
                                      generator=generator, callback=user_callback, order=sampler)
         images = tokens if output_type == "latent" else self._finish(tokens, images, output_type)
-        return AmusedPipelineOutput(images, steps) if return_dict else (images,)
+        return AmusedPipelineOutput(images, steps) if o.return_dict else (images,)
 
     def _finish(self, tokens: torch.Tensor, images: torch.Tensor | None, output_type: str):
         """VQ-decode (unless done already) and convert to `output_type`, never handing out NaN/inf pixels: a
@@ -490,17 +521,8 @@ class AmusedPipeline:
                 return StartGrid(latents.to(self.device, torch.long), 0, None)
             return StartGrid(torch.full((batch, h, w), self.scheduler.mask_token_id, device=self.device), 0, None)
 
-        return self._generate(prompt=prompt, negative_prompt=negative_prompt, tokens_fn=tokens_fn, height=height,
-                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              num_images_per_prompt=num_images_per_prompt, generator=generator,
-                              prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
-                              negative_prompt_embeds=negative_prompt_embeds,
-                              negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
-                              return_steps=return_steps,
-                              micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
-                              micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
-                              schedule=masking_schedule, sampler=sampler)
+        return self._generate(CallOptions.of(locals()), tokens_fn=tokens_fn, height=height, width=width,
+                              schedule=masking_schedule)
 
 
 @dataclass

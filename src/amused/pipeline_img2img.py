@@ -8,7 +8,7 @@ import torch
 
 from . import sampling
 from .images import ImageInput, image_size, preprocess_image, resize
-from .pipeline import AmusedPipeline, StartGrid, broadcast, start_step_for
+from .pipeline import AmusedPipeline, CallOptions, StartGrid, broadcast, start_step_for
 
 
 class AmusedImg2ImgPipeline(AmusedPipeline):
@@ -61,14 +61,5 @@ class AmusedImg2ImgPipeline(AmusedPipeline):
             total = torch.full((batch,), h * w, device=tokens.device)  # img2img enters the full-grid schedule
             return StartGrid(tokens, start_step, total)
 
-        return self._generate(prompt=prompt, negative_prompt=negative_prompt, tokens_fn=tokens_fn, height=height,
-                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              num_images_per_prompt=num_images_per_prompt, generator=generator,
-                              prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
-                              negative_prompt_embeds=negative_prompt_embeds,
-                              negative_encoder_hidden_states=negative_encoder_hidden_states, output_type=output_type,
-                              return_dict=return_dict, callback=callback, callback_steps=callback_steps,
-                              return_steps=return_steps,
-                              micro_conditioning_aesthetic_score=micro_conditioning_aesthetic_score,
-                              micro_conditioning_crop_coord=micro_conditioning_crop_coord, temperature=temperature,
-                              schedule=schedule, sampler=sampler)
+        return self._generate(CallOptions.of(locals()), tokens_fn=tokens_fn, height=height, width=width,
+                              schedule=schedule)
