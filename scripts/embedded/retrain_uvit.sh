@@ -84,8 +84,10 @@ one_run() {
   train "$W/$r" "$steps" 100 $(run_args "$r" "$flag") > "$W/$r.log" 2>&1 || { tail -30 "$W/$r.log"; return 1; }
   tail -2 "$W/$r/logs/train_log.jsonl"
   python3 scripts/embedded/ship_uvit.py "$W/$r" "$res"
-  if [ "$r" = uvit_flat_clip ]; then rm "$res/transformer.fp16.safetensors"  # not shippable with its encoder
-  else mv "$res/transformer.fp16.safetensors" "$OUT/$r.fp16.safetensors"; fi  # at most 8 files come back
+  for f in "$res"/transformer.fp16.part*.safetensors; do  # at most 8 files (16 MiB each) come back
+    if [ "$r" = uvit_flat_clip ]; then rm "$f"  # not shippable with its encoder
+    else mv "$f" "$OUT/$r.fp16.${f##*/transformer.fp16.}"; fi
+  done
   pack
   [ -n "${SKIP_EVAL-}" ] && return 0
   echo "== eval $r $(date +%T)"
