@@ -28,6 +28,34 @@ def test_generators_draw_on_the_device_unless_the_reference_stream_is_asked():
         check_seed(-1, "--seed")
 
 
+def test_which_draws_a_call_makes():
+    """diffusers' stream by default with a CPU generator or on the CPU (a seeded CPU generator gives diffusers'
+    images); the fast draws when the engine (every face) says so: inverse-CDF on the CPU, Gumbel on a GPU."""
+    from amused.pipeline import _draw_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    cpu_gen = torch.Generator()
+    assert [_draw_for(cpu_gen, cpu, s) for s in (None, True, False)] == ["reference", "reference", "cdf"]
+    assert [_draw_for(None, cpu, s) for s in (None, True, False)] == ["reference", "reference", "cdf"]
+    assert [_draw_for(cpu_gen, cuda, s) for s in (None, True, False)] == ["reference", "reference", "cdf"]
+    assert [_draw_for(None, cuda, s) for s in (None, True, False)] == ["gumbel", "reference", "gumbel"]
+
+
+def test_engine_on_the_cpu_draws_fast_unless_the_reference_stream_is_asked(ours):
+    """Through the engine (what the CLI, server and demo hold) the CPU gets the fast draws: the same image for the
+    same seed, not diffusers' stream; `reference_stream=True` gives exactly what the pipeline gives with a
+    seeded CPU generator (diffusers' images), and the task pipelines follow the engine."""
+    default = ours("a cat", height=8, width=8, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    engine = Engine.wrap(ours, "tiny", reference_stream=False)
+    fast = [engine.pipe("a cat", height=8, width=8, generator=engine.generator(3), output_type="latent").images
+            for _ in range(2)]
+    assert torch.equal(fast[0], fast[1]) and not torch.equal(fast[0], default)
+    assert engine.task("img2img").reference_stream is False
+    engine = Engine.wrap(ours, "tiny", reference_stream=True)
+    ref = engine.pipe("a cat", height=8, width=8, generator=engine.generator(3), output_type="latent").images
+    assert torch.equal(ref, default)
+
+
 def test_batched_calls_pad_to_a_warmed_size_only_on_the_fast_path():
     graphed = Engine(pipe=None, model_name="x", fast="graph", reference_stream=False, warmed=[1, 8])
     assert [graphed.bucket(n) for n in (1, 2, 7, 8, 9)] == [1, 8, 8, 8, 9]

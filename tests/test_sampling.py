@@ -72,15 +72,36 @@ def test_gumbel_path_makes_no_host_sync():
     assert "multinomial" in rec.ops
 
 
-def test_gumbel_max_samples_the_softmax():
-    """The on-device draw samples the same distribution as multinomial(softmax(logits))."""
-    V, n = 6, 40000
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, -3.0])
+@pytest.mark.parametrize("draw", ["gumbel", "cdf"])
+def test_fast_draws_sample_the_softmax(draw):
+    """The on-device (Gumbel-max) and the CPU's inverse-CDF draws sample the same distribution as
+    multinomial(softmax(logits)); a token of probability 0 is never drawn."""
+    V, n = 7, 40000
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, -3.0, -math.inf])
     tokens = torch.full((1, n), MASK)
     res = unmask_step(logits.expand(1, n, V), tokens, torch.tensor([n]), torch.tensor(0.5), torch.tensor(1.0), MASK,
-                      last=True, draw="gumbel", generator=torch.Generator().manual_seed(0))
+                      last=True, draw=draw, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(res.predicted[0], minlength=V).float() / n
     assert torch.allclose(freq, logits.softmax(0), atol=0.01), (freq, logits.softmax(0))
+    assert freq[-1] == 0 and freq[0] > 0
+
+
+def test_cdf_draws_take_one_number_per_token_and_no_host_sync():
+    """The CPU's fast draws: one uniform per position for the token and one for the confidence noise (not one per
+    codebook entry), the same tokens from the same seed, the schedule kept, and nothing that syncs."""
+    tokens = torch.full((2, 4, 4), MASK)
+    tokens[0, 0] = 3
+    g = torch.Generator().manual_seed(5)
+    with RecordOps() as rec:
+        out = decode(_fake_logits(), tokens, num_steps=4, mask_token_id=MASK, draw="cdf", generator=g)
+    assert not (rec.ops & SYNC_OPS), rec.ops & SYNC_OPS
+    used = torch.Generator().manual_seed(5)
+    torch.rand(4 * 2 * 2 * 16, generator=used)  # 4 steps x (token + noise) x 2 images x 16 positions
+    assert torch.equal(g.get_state(), used.get_state())
+    assert out[0, 0, 0] == 3 and (out != MASK).all()
+    again = decode(_fake_logits(), tokens, num_steps=4, mask_token_id=MASK, draw="cdf",
+                   generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, again)
 
 
 def test_same_noise_same_tokens():

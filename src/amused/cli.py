@@ -198,7 +198,7 @@ def check_outputs(args: argparse.Namespace, single: bool, out_dir: Path | None) 
 
 def stream_metadata(engine) -> dict:
     """What a PNG records of the random stream, so `--from-image` draws from the same one."""
-    return {"stream": "reference" if engine.reference_stream or engine.device.type == "cpu" else "device",
+    return {"stream": "reference" if engine.reference_stream else "device",
             "device": engine.device.type, "dtype": str(engine.pipe.dtype).removeprefix("torch.")}
 
 

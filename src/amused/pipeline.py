@@ -102,6 +102,11 @@ class AmusedPipeline:
     default_strength: float | None = None
     family: Family = AMUSED  # the transformer and layout (components.py); Meissonic's pipelines set MEISSONIC
     task: str = "text"  # "text", "img2img" or "inpaint" (tasks.py)
+    # Which random draws a seed selects. None (the default): diffusers' stream with a CPU generator or on the CPU,
+    # so that a seeded CPU generator gives diffusers' images; on-device draws otherwise. False: always the fast
+    # draws (on the CPU, inverse-CDF sampling: much faster with large codebooks). True: always diffusers' stream.
+    # Every face sets it from its engine (`--reference-stream`).
+    reference_stream: bool | None = None
 
     def __init__(self, vqvae: VQGAN, tokenizer, text_encoder, transformer: UViT, scheduler: SchedulerConfig):
         if not isinstance(transformer, self.family.transformer):
@@ -163,6 +168,7 @@ class AmusedPipeline:
         new = cls(pipe.vqvae, pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler)
         new.generation_defaults = pipe.generation_defaults
         new._fast = pipe._fast  # the same modules, so the same graphs serve every task
+        new.reference_stream = pipe.reference_stream
         return new
 
     @property
@@ -333,7 +339,7 @@ class AmusedPipeline:
 
         f = self.vae_scale_factor
         start = tokens_fn(batch, height // f, width // f)
-        draw = _draw_for(generator, self.device)
+        draw = _draw_for(generator, self.device, self.reference_stream)
         steps: list[StepState] | None = [] if o.return_steps else None
 
         def on_step(i, result):  # the loop's hook: record steps and/or call the user's callback
@@ -532,12 +538,15 @@ class StartGrid:
     total: torch.Tensor | None  # (B,) tokens the schedule spreads over; None: those unknown at the start
 
 
-def _draw_for(generator: torch.Generator | None, device: torch.device) -> str:
-    """Reference draws (diffusers' random stream) with a CPU generator or on the CPU; on-device Gumbel draws
-    otherwise (no host sync)."""
-    if device.type == "cpu" or (generator is not None and generator.device.type == "cpu"):
+def _draw_for(generator: torch.Generator | None, device: torch.device, reference_stream: bool | None) -> str:
+    """The random draws of a call (sampling.py): diffusers' stream ("reference") when `reference_stream` is True,
+    or when it is None and the generator or the device is the CPU; otherwise the fast draws: on-device Gumbel
+    draws ("gumbel", no host sync) on an accelerator with a generator there (or none), inverse-CDF draws
+    ("cdf") on the CPU or from a CPU generator."""
+    on_cpu = device.type == "cpu" or (generator is not None and generator.device.type == "cpu")
+    if reference_stream or (reference_stream is None and on_cpu):
         return "reference"
-    return "gumbel"
+    return "cdf" if on_cpu else "gumbel"
 
 
 def start_step_for(num_inference_steps: int, strength: float) -> int:
