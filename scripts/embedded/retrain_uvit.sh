@@ -27,6 +27,9 @@ mkdir -p "$W" "$OUT"
 python3 scripts/embedded/join_stage.py
 python3 scripts/embedded/unpack_images.py "$S" "$W/data"
 
+# amused eval reads the captions as built (a style-less copy of each training row would be its own nearest
+# neighbour): it gets a copy made before they are added
+[ -d "$W/data_eval" ] || cp -r "$W/data" "$W/data_eval"
 [ -n "${STYLELESS-}" ] && python3 scripts/embedded/add_styleless_captions.py "$W/data/train/metadata.jsonl"
 echo "== pre-encode $(date +%T)"
 [ -f "$W/enc/index.json" ] || $AM preencode --vqvae_path "$VQ" --text_encoder_path "$S/minilm" \
@@ -91,7 +94,8 @@ one_run() {
   pack
   [ -n "${SKIP_EVAL-}" ] && return 0
   echo "== eval $r $(date +%T)"
-  $AM eval --model "$W/$r" --data "$W/data" --device "$EVAL_DEVICE" --num-train "$EVAL_N" --out "$res/eval_gpu.json" \
+  cp src/amused/assets/amused-emoji-64/generation_config.json "$W/$r/"  # the shipped model's sampling defaults
+  $AM eval --model "$W/$r" --data "$W/data_eval" --device "$EVAL_DEVICE" --num-train "$EVAL_N" --out "$res/eval_gpu.json" \
     --grid "$res/grid.png" --quiet || echo "eval $r failed"
   pack
   echo "== done $r $(date +%T)"
