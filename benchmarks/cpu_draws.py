@@ -1,9 +1,10 @@
 """The CPU's random draws, side by side in one run: diffusers' stream (`torch.multinomial`: one exponential per
 codebook entry and token, `--reference-stream`) against the fast inverse-CDF draws (one uniform per token, what
-every face uses on the CPU by default), on the same loaded model, calls alternated. One call: batch 1, the
-model's default settings (steps, guidance), whole image out; median of N after one warm-up each.
+every face uses on the CPU by default), for one or more models loaded at once, calls alternated (so a shared,
+noisy CPU slows every row alike). One call: batch 1, the model's default settings (steps, guidance), whole
+image out; median of N after one warm-up each.
 
-    python benchmarks/cpu_draws.py --out docs/results/cpu_draws_embedded.json [--model DIR] [--repeats 20]
+    python benchmarks/cpu_draws.py --out docs/results/cpu_draws_embedded.json [--model DIR ...] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -25,41 +26,39 @@ from amused.runtime import load_engine  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+    ap.add_argument("--model", nargs="+", default=["embedded"], help="checkpoint folders (default: the embedded model)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", default="red apple")
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args()
 
-    pipe = load_engine(args.model, device="cpu", fast="off").pipe
+    pipes = {m: load_engine(m, device="cpu", fast="off").pipe for m in args.model}
     prompts = [args.prompt] * args.batch
     modes = {"reference (diffusers' stream)": True, "fast (inverse CDF)": False}
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for name, ref in modes.items():  # warm-up
-        pipe.reference_stream = ref
-        pipe(prompts, generator=torch.Generator().manual_seed(0))
+    cases = [(m, d) for m in pipes for d in modes]
+    times: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
+    for m, d in cases:  # warm-up
+        pipes[m].reference_stream = modes[d]
+        pipes[m](prompts, generator=torch.Generator().manual_seed(0))
     for i in range(args.repeats):
-        for name, ref in modes.items():
-            pipe.reference_stream = ref
+        for m, d in cases:
+            pipes[m].reference_stream = modes[d]
             started = time.perf_counter()
-            pipe(prompts, generator=torch.Generator().manual_seed(i))
-            times[name].append((time.perf_counter() - started) * 1e3)
+            pipes[m](prompts, generator=torch.Generator().manual_seed(i))
+            times[m, d].append((time.perf_counter() - started) * 1e3)
 
-    rows = {name: {"ms_median": statistics.median(t), "ms_min": min(t), "ms_per_image": statistics.median(t) / args.batch}
-            for name, t in times.items()}
-    print(f"model {args.model or 'embedded'}  codebook {pipe.transformer.config.codebook_size}  batch {args.batch}  "
-          f"threads {torch.get_num_threads()}  repeats {args.repeats}")
-    print(f"{'draws':32} {'median ms':>10} {'min ms':>8} {'ms/image':>9}")
-    for name, r in rows.items():
-        print(f"{name:32} {r['ms_median']:10.1f} {r['ms_min']:8.1f} {r['ms_per_image']:9.1f}")
-    ref, fast = (rows[n]["ms_median"] for n in modes)
-    print(f"fast draws: {ref / fast:.2f}x the reference's speed")
+    rows = [{"model": m, "codebook": pipes[m].transformer.config.codebook_size, "draws": d,
+             "ms_median": statistics.median(times[m, d]), "ms_min": min(times[m, d]),
+             "ms_per_image": statistics.median(times[m, d]) / args.batch} for m, d in cases]
+    print(f"batch {args.batch}  threads {torch.get_num_threads()}  repeats {args.repeats}")
+    print(f"{'model':48} {'codes':>5} {'draws':30} {'median ms':>10} {'min ms':>8}")
+    for r in rows:
+        print(f"{r['model'][-48:]:48} {r['codebook']:5d} {r['draws']:30} {r['ms_median']:10.1f} {r['ms_min']:8.1f}")
     if args.out:
-        result = {"meta": {"model": args.model or "embedded", "codebook": pipe.transformer.config.codebook_size,
-                           "batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                           "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine()},
-                  "rows": rows, "speedup": ref / fast}
+        result = {"meta": {"batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                           "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+                           "prompt": args.prompt}, "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
