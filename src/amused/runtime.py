@@ -12,7 +12,8 @@ What it decides, once, for every face:
 - the model: `embedded` (or nothing) names the model shipped in the package, anything else a folder or hub id;
 - the random stream: by default the fast draws: on a GPU, on-device draws from a CUDA generator (no host
   sync; what the fast path replays), on the CPU inverse-CDF draws (one uniform per token instead of one per
-  codebook entry: 0.25 s less an image with the embedded model's 4096 codes); with `reference_stream=True`
+  codebook entry: 0.35-0.42 s less an image with the embedded model's 4096 codes,
+  docs/results/cpu_draws_embedded.json); with `reference_stream=True`
   (`--reference-stream`), diffusers' own random stream from a CPU generator, so seeds give diffusers' images
   (on a GPU that runs the slow plain loop: about 10x the time of a call, see README, Performance);
 - the fast path (`fast`): "off" (the plain loop), "graph" (the whole decode as a CUDA graph, eager kernels:
