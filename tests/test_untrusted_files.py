@@ -550,3 +550,25 @@ def test_broken_preencoded_folders_are_errors_naming_the_file(tmp_path, index, s
         (tmp_path / "s.safetensors").write_bytes(shard)
     with pytest.raises(ValueError, match=problem):
         data.PreencodedDataset(tmp_path)[0]
+
+
+def test_sharded_weights_load_as_one_and_shards_stay_in_their_folder(tmp_path):
+    """diffusers' sharded layout (index + shards, what the embedded U-ViT ships as) loads to the same tensors as
+    one file; an index naming a shard outside its folder, or a pickle shard, is refused with its file named."""
+    import json
+
+    import torch
+
+    from amused.loading import CheckpointError, load_state_dict, save_sharded, weights_file
+
+    state = {f"w{i}": torch.full((64, 64), float(i)) for i in range(5)}  # 16 KiB each
+    files = save_sharded(state, tmp_path, max_shard_bytes=40 * 2**10)
+    assert [f.name for f in files][-1] == "diffusion_pytorch_model.safetensors.index.json" and len(files) == 4
+    loaded = load_state_dict(weights_file(tmp_path))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    for bad in ("../evil.safetensors", "shard.bin"):
+        index = tmp_path / "bad" / "diffusion_pytorch_model.safetensors.index.json"
+        index.parent.mkdir(exist_ok=True)
+        index.write_text(json.dumps({"weight_map": {"w0": bad}}))
+        with pytest.raises(CheckpointError, match="must be a .safetensors file name in the same folder"):
+            load_state_dict(weights_file(index.parent))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from amused.loading import save_sharded
+
 VQ_CONFIG_HEAD = {"_class_name": "VQModel", "_diffusers_version": "0.42.1"}
 
 
@@ -57,9 +59,8 @@ def main() -> None:
                          f"{vq_config['num_vq_embeddings']} codes")
     (out / "transformer").mkdir()
     (out / "transformer" / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    state = uvit_state(args.uvit)
-    save_file({k: v.half().contiguous() for k, v in state.items()},
-              out / "transformer" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    state = uvit_state(args.uvit)  # sharded under 15 MiB a file (diffusers' layout): the repository's file limit
+    save_sharded({k: v.half() for k, v in state.items()}, out / "transformer")
 
     sched = json.loads((args.base / "scheduler" / "scheduler_config.json").read_text())
     sched["mask_token_id"] = cfg["vocab_size"] - 1

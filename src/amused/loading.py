@@ -64,8 +64,8 @@ def resolve(path_or_id: str | os.PathLike, variant: str | None = None, cache_dir
         raise CheckpointError(f"checkpoint folder {text} does not exist (and is not a hub id like 'amused/amused-256')")
     from huggingface_hub import snapshot_download
 
-    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
-    patterns = ["*.json", "*.txt", weights]
+    weights = [f"*.{variant}.safetensors", f"*.{variant}-*.safetensors"] if variant else ["*.safetensors"]
+    patterns = ["*.json", "*.txt", *weights]  # shards: NAME[.VARIANT]-0000k-of-0000n.safetensors + index json
     try:
         return Path(snapshot_download(text, allow_patterns=patterns, cache_dir=cache_dir,
                                       local_files_only=local_files_only))
@@ -87,11 +87,15 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def weights_file(folder: Path, name: str = WEIGHTS_NAME, variant: str | None = None,
                  allow_pickle: bool = False) -> Path:
-    """The weight file of a component folder, refusing pickles unless `allow_pickle`."""
+    """The weight file of a component folder, refusing pickles unless `allow_pickle`: one safetensors file, or
+    the index of a sharded one (`NAME.safetensors.index.json`, as diffusers and transformers write them)."""
     stem = f"{name}.{variant}" if variant else name
     candidate = folder / f"{stem}.safetensors"
     if candidate.is_file():
         return candidate
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        return index
     pickles = [folder / f"{stem}{s}" for s in PICKLE_SUFFIXES if (folder / f"{stem}{s}").is_file()]
     if pickles and allow_pickle:
         return pickles[0]
@@ -102,8 +106,26 @@ def weights_file(folder: Path, name: str = WEIGHTS_NAME, variant: str | None = N
     raise CheckpointError(f"missing weight file {candidate} (folder holds: {', '.join(present) or 'nothing'})")
 
 
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names (`weight_map` values), each a plain file name beside
+    the index: a name that leaves the folder, or a shard that is not safetensors, is refused."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: shard {name!r} must be a .safetensors file name in the same folder")
+    return [index.parent / name for name in names]
+
+
 def load_state_dict(path: Path, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     device = str(device or "cpu")
+    if path.name.endswith(".safetensors.index.json"):  # sharded: every shard, merged
+        state = {}
+        for shard in shard_files(path):
+            state.update(load_state_dict(shard, device))
+        return state
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path), device=device)
@@ -299,6 +321,35 @@ def _alive(pid: int) -> bool:
     except (OSError, OverflowError):
         return True  # exists (another user's), or no pid a process could have: keep the file
     return True
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path, name: str = WEIGHTS_NAME,
+                 max_shard_bytes: int = 15 * 2**20) -> list[Path]:
+    """`state` as diffusers' sharded safetensors (`NAME-0000k-of-0000n.safetensors` + `NAME.safetensors.index.json`)
+    when it is over `max_shard_bytes`, else one `NAME.safetensors`; tensors kept in order, each file atomic.
+    Returns the files written."""
+    shards, size = [{}], 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        path = folder / f"{name}.safetensors"
+        atomic_write(path, lambda tmp: save_file(shards[0], str(tmp), metadata={"format": "pt"}))
+        return [path]
+    files, weight_map = [], {}
+    for k, shard in enumerate(shards, 1):
+        path = folder / f"{name}-{k:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(path, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        weight_map.update({key: path.name for key in shard})
+        files.append(path)
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = folder / f"{name}.safetensors.index.json"
+    write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return [*files, index]
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
