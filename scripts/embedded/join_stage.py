@@ -1,30 +1,19 @@
-"""On the device: .stage_a/ + .stage_b/ (split_stage.py) -> .stage/ as pack_inputs.py wrote it."""
+"""On the device: the chunks .stage_a/, .stage_b/, ... (split_stage.py) -> .stage/ as pack_inputs.py wrote it."""
 
+import io
 import lzma
-import shutil
 import sys
+import tarfile
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-a, b, dst = Path(".stage_a"), Path(".stage_b"), Path(".stage")
-if not (a / "minilm_part1.safetensors").is_file():
-    sys.exit(".stage_a/minilm_part1.safetensors is missing: the first call's files are gone (machine not warm?)")
-shutil.rmtree(dst, ignore_errors=True)
-shutil.copytree(b, dst)
-if (a / "extra").is_dir():  # the captions, the tokenizer, the images' head (split_stage.py keeps .stage_b/ small)
-    shutil.copytree(a / "extra", dst, dirs_exist_ok=True)
-    head = dst / "images.npy.xz.head"
-    if head.is_file():
-        (dst / "images.npy.xz").write_bytes(head.read_bytes() + (dst / "images.npy.xz").read_bytes())
-        head.unlink()
-if (a / "vqvae").is_dir():
-    shutil.copytree(a / "vqvae", dst / "vqvae")
-state = load_file(b / "minilm" / "part2.safetensors")
-state.update(load_file(a / "minilm_part1.safetensors"))
-save_file(state, dst / "minilm" / "model.safetensors", metadata={"format": "pt"})
-(dst / "minilm" / "part2.safetensors").unlink()
-for f in list(dst.glob("*.jsonl.xz")):
-    f.with_suffix("").write_bytes(lzma.open(f).read())
-    f.unlink()
-print("joined", dst, sorted(p.name for p in dst.rglob("*")))
+chunks = sorted(Path(".").glob(".stage_?/stage.tar.xz.?"))
+letters = "".join(c.suffix[1:] for c in chunks)
+if not letters or letters != "abcdefghijklmnopqrstuvwxyz"[:len(letters)]:
+    sys.exit(f"stage chunks found: {letters or 'none'}; an earlier call's chunk is gone (machine not warm?)")
+try:
+    data = lzma.decompress(b"".join(c.read_bytes() for c in chunks))
+except lzma.LZMAError:
+    sys.exit(f"stage chunks {letters} do not make a whole archive: a later chunk is missing")
+with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    tar.extractall(".", filter="data")
+print("joined .stage from", letters, sorted(p.name for p in Path(".stage").rglob("*"))[:12])
