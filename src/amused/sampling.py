@@ -138,6 +138,14 @@ class StepResult(NamedTuple):
     confidence: torch.Tensor  # (B, L) float32 score of each position (+inf where the token was known)
 
 
+def _quiet_on_last(temperature: torch.Tensor, last: bool | torch.Tensor) -> torch.Tensor:
+    """No confidence noise on the last step (it re-masks nothing; the noise is still drawn, to keep the random
+    stream even): the temperature zeroed there; `last` a Python bool or a 0-d bool tensor (captured steps)."""
+    if isinstance(last, bool):
+        return temperature * 0 if last else temperature
+    return torch.where(last, 0.0, temperature)
+
+
 def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor, ratio: torch.Tensor,
                 temperature: torch.Tensor, mask_token_id: int, last: bool | torch.Tensor, draw: Draw = "reference",
                 generator: torch.Generator | None = None,
@@ -197,10 +205,7 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         predicted = predicted.clamp(max=logits.shape[-1] - 1)
         log_p = torch.gather(log_probs, -1, predicted[..., None])[..., 0].clamp(min=math.log(1e-20))
         predicted = torch.where(unknown, predicted, tokens)
-        if last is True:
-            temperature = temperature * 0
-        elif not isinstance(last, bool):
-            temperature = torch.where(last, 0.0, temperature)
+        temperature = _quiet_on_last(temperature, last)
     else:
         if draws is None:
             draws = gumbel_draws(logits.shape, generator, logits.device)
@@ -209,9 +214,7 @@ def unmask_step(logits: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
         predicted = (log_probs + gumbel(u)).argmax(dim=-1)  # Gumbel-max: a sample of softmax(logits)
         log_p = torch.gather(log_probs, -1, predicted[..., None])[..., 0].clamp(min=math.log(1e-20))
         predicted = torch.where(unknown, predicted, tokens)
-        # no confidence noise on the last step (it re-masks nothing; the noise is drawn only to keep the stream even)
-        temperature = (temperature * 0 if last else temperature) if isinstance(last, bool) else \
-            torch.where(last, 0.0, temperature)
+        temperature = _quiet_on_last(temperature, last)
 
     # Known tokens get +inf confidence so they are never re-masked (the reference's finfo.max is only ~11
     # after the log in fp16, so it could re-mask them).
