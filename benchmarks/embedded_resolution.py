@@ -33,7 +33,8 @@ from amused.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
 def variants(uvit: UViTConfig, vq: VQGANConfig) -> dict[str, tuple[UViTConfig, VQGANConfig, int]]:
     """name -> (U-ViT config, VQGAN config, image side in px)."""
-    deeper = dataclasses.replace(vq, block_out_channels=[*vq.block_out_channels, vq.block_out_channels[-1]])
+    deeper = dataclasses.replace(vq, block_out_channels=[*vq.block_out_channels, vq.block_out_channels[-1]],
+                                 down_block_types=None, up_block_types=None)
     return {
         "64 px, factor 4, 16x16 tokens (shipped)": (uvit, vq, 64),
         "128 px, factor 4, 32x32 tokens": (dataclasses.replace(uvit, sample_size=32), vq, 128),

@@ -3,7 +3,8 @@
     python scripts/make_tour_images.py --out docs/images
 
 Writes tour_img2img.png (input, strength 0.4, 0.7), tour_inpaint.png (input with the masked rectangle, two
-prompts) and tour_decoding.png (steps 1, 3, ... 11 greyed where still masked, over each step's confidence map),
+prompts) and tour_decoding.png (every other step, 1, 3, 5, 7 of the model's 8, greyed where still masked, over each step's
+confidence map),
 tiles upscaled 2x.
 """
 
@@ -57,7 +58,7 @@ def main() -> None:
     make_image_grid([big(x) for x in [shown, *filled]], rows=1, cols=3).save(args.out / "tour_inpaint.png")
 
     out = pipe("red apple, google style", generator=seeded(args.seed), return_steps=True)
-    picked = out.steps[::2]  # steps 1, 3, ... 11 (1-based)
+    picked = out.steps[::2]  # every other step: 1, 3, 5, 7 (1-based) of the model's 8
     frames = step_frames(pipe, picked, scale=SCALE)
     maps = [confidence_map(s, size=frames[0].width) for s in picked]
     make_image_grid(frames + maps, rows=2, cols=len(frames)).save(args.out / "tour_decoding.png")
