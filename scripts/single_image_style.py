@@ -137,7 +137,9 @@ def main() -> None:
                    help="the 20 emoji: a seeded random choice, or the first 20 (same seeded order) that the base "
                         "model draws recognisably with the style prompt (measures what the style keeps)")
     p.add_argument("--reuse", action="store_true", help="keep a LoRA already trained in --work (another --scale)")
-    p.add_argument("--style-word", default=STYLE_WORD, help="the style's words, after the emoji name in every prompt")
+    p.add_argument("--style-word", default=STYLE_WORD,
+                   help="the style's words, after the emoji name in every prompt; '' for none: the adapter alone "
+                        "carries the style, and the instance caption is the emoji's name as the base model knows it")
     p.add_argument("--prior", type=int, default=0, help="prior preservation with this many class images (0: off)")
     p.add_argument("--prior-weight", default="1.0", help="--prior_loss_weight")
     p.add_argument("--class-dir", help="--class_data_dir (default: <work>/class_N); share one between runs to draw "
@@ -161,7 +163,10 @@ def main() -> None:
     source = next(r for r in rows if r["emoji"] == INSTANCE_EMOJI and r["style"] == "google" and not r.get("skin_tone"))
     instance = ink_drawing(Image.open(Path(args.data) / source["split"] / source["file_name"]))
     instance.save(work / "instance.png")
-    caption = f"{INSTANCE_EMOJI}, {args.style_word}"
+    def styled(name: str) -> str:  # "NAME, STYLE WORDS", or the name alone with --style-word ""
+        return f"{name}, {args.style_word}" if args.style_word else name
+
+    caption = styled(INSTANCE_EMOJI)
     # the 20 come from the first 200 of a seeded order of the emoji drawn in all three styles in training; class
     # prompts (prior preservation) from the rest of that order
     full = sorted({r["emoji"] for r in rows if r["split"] == "train" and not r.get("skin_tone")} - {INSTANCE_EMOJI})
@@ -202,12 +207,12 @@ def main() -> None:
     else:  # each candidate drawn alone with seed 0, as the measured images are drawn below
         names = []
         for name in order[:200]:
-            image = generate(pipe, [f"{name}, {args.style_word}"], 0)
+            image = generate(pipe, [styled(name)], 0)
             if emoji[int((luminance_features(image) @ db.T).argmax(1))] == name:
                 names.append(name)
             if len(names) == 20:
                 break
-    prompts = [f"{n}, {args.style_word}" for n in names]
+    prompts = [styled(n) for n in names]
     before = torch.cat([generate(pipe, prompts, seed) for seed in args.eval_seeds])  # (S * 20, 3, H, W)
 
     feedback = []
@@ -218,13 +223,13 @@ def main() -> None:
             feedback.append(json.loads((folder / "feedback.json").read_text()))  # another --scale: no new pool
             continue
         pipe.load_lora_weights(str(previous), scale=args.feedback_scale)
-        pool = generate(pipe, [f"{n}, {args.style_word}" for n in pool_names], 0)  # (pool, 3, H, W)
+        pool = generate(pipe, [styled(n) for n in pool_names], 0)  # (pool, 3, H, W)
         pipe.unload_lora_weights()
         ink = ink_shares(pool)
         recognised = [emoji[j] == n for j, n in zip((luminance_features(pool) @ db.T).argmax(1).tolist(), pool_names)]
         kept = pick_feedback(ink, recognised, args.feedback_keep)
         write_image_folder(folder, [instance] + [to_pil(pool[k]) for k in kept],
-                           [caption] + [f"{pool_names[k]}, {args.style_word}" for k in kept])
+                           [caption] + [styled(pool_names[k]) for k in kept])
         round_cmd = finetune(["--train_data_dir", str(folder)], lora)
         round_s = train(round_cmd, lora)
         feedback.append({"round": round_ + 1, "pool": len(pool_names), "pool_ink_share": ink_share(pool),
