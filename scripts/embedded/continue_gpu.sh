@@ -10,7 +10,7 @@
 # fp16 weights, and results.tgz with logs and configs. The U-ViT's full training state (model, EMA, optimizer,
 # scheduler, RNG: `--resume_from_checkpoint` input) is tarred and split into 15 MiB parts under $W/ckpt_parts,
 # fetched by later calls (fetch_parts below) so training can resume in a later session.
-#   Call 1 carries .stage_a (split_stage.py); call 2 carries .stage_b and runs
+#   Calls 1.. carry the chunks .stage_a, .stage_b, ... (split_stage.py); the last one runs
 #   OUT=$OUT DEADLINE=600 setsid bash scripts/embedded/continue_gpu.sh > /tmp/emb.log 2>&1 &
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/emb}; S=.stage

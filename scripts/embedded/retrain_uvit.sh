@@ -11,7 +11,7 @@
 # A short concurrent timing run sets each run's step count so that its cosine schedule ends on time. Each run
 # then ships its fp16 U-ViT weights to $OUT/<run>/ at once (nothing later may lose them) and is scored by
 # `amused eval` on the GPU.
-# Inputs: .stage_a/ (carried by the call before, within the warm window) and .stage_b/ (split_stage.py).
+# Inputs: the stage chunks .stage_a/, .stage_b/, ... (split_stage.py), each carried by one call within the warm window.
 #   OUT=$OUT UVIT_SECONDS=300 bash scripts/embedded/retrain_uvit.sh
 # (RUNS=uvit BATCH=1024 LR=1e-3 UVIT_SECONDS=390 SKIP_EVAL=1: one long run of the shipped architecture;
 #  STYLELESS=1 adds every training caption once more without its style: add_styleless_captions.py.)
