@@ -5,6 +5,7 @@ with the command to run, rather than skipping. Set AMUSED_UPDATE_SCREENSHOTS=1 t
 docs/images/demo_*.png from it.
 """
 
+import json
 import os
 import re
 import socket
@@ -191,9 +192,13 @@ def test_browser_text_to_image_img2img_and_inpaint(chromium, server, tmp_path):
     def caption(tab):
         return lambda d: d.find_element(By.CSS_SELECTOR, f"#{tab}-caption").text
 
+    from amused.embedded import embedded_model_path
+
+    steps = json.loads((embedded_model_path() / "generation_config.json").read_text())["num_inference_steps"]
     driver = start_chromium(*chromium, tmp_path / "profile", size=(1280, 1100))
     try:
-        # Text to image: type a prompt, ask for 4 images, generate; the decoding view follows the picked image.
+        # Text to image (the model's default steps): type a prompt, ask for 4 images, generate; the decoding view
+        # follows the picked image.
         driver.get(server)
         prompt = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#text2image-prompt textarea"), 30,
                           "the page")[0]
@@ -202,13 +207,14 @@ def test_browser_text_to_image_img2img_and_inpaint(chromium, server, tmp_path):
         css("#text2image-images input[type=number]").send_keys(Keys.CONTROL, "a", Keys.NULL, "4", Keys.TAB)
         css("#text2image-run").click()
         wait_for(driver, lambda d: len(images_in(d, "#text2image-gallery")) == 4, 60, "4 images in the gallery")
-        wait_for(driver, lambda d: "Step 12 of 12 (image 1)" in caption("text2image")(d), 10, "the decoding view")
+        wait_for(driver, lambda d: f"Step {steps} of {steps} (image 1)" in caption("text2image")(d), 10,
+                 "the decoding view")
         assert images_in(driver, "#text2image-grid") and images_in(driver, "#text2image-heat")
         driver.find_elements(By.CSS_SELECTOR, "#text2image-gallery .thumbnail-item")[1].click()
         wait_for(driver, lambda d: "(image 2)" in caption("text2image")(d), 10, "the second image's decoding")
         ActionChains(driver).send_keys(Keys.ESCAPE).perform()  # leave the gallery's preview
         css("#text2image-step input[type=number]").send_keys(Keys.CONTROL, "a", Keys.NULL, "7", Keys.TAB)
-        wait_for(driver, lambda d: "Step 7 of 12" in caption("text2image")(d), 10, "step 7 after scrubbing")
+        wait_for(driver, lambda d: f"Step 7 of {steps}" in caption("text2image")(d), 10, "step 7 after scrubbing")
         kept_src = images_in(driver, "#text2image-grid")[0]
         driver.find_element(By.XPATH, "//label[normalize-space()=\"model's full guess\"]").click()
         wait_for(driver, lambda d: images_in(d, "#text2image-grid")[0] != kept_src, 10, "the predicted-tokens grid")
@@ -224,7 +230,8 @@ def test_browser_text_to_image_img2img_and_inpaint(chromium, server, tmp_path):
         prompt.send_keys("red heart, openmoji style")
         css("#img2img-run").click()
         wait_for(driver, lambda d: images_in(d, "#img2img-gallery"), 60, "an image to image result")
-        wait_for(driver, lambda d: "Step 6 of 6" in caption("img2img")(d), 10, "the img2img decoding (strength 0.5)")
+        wait_for(driver, lambda d: f"Step {steps // 2} of {steps // 2}" in caption("img2img")(d), 10,
+                 "the img2img decoding (strength 0.5)")
         shot(driver, tmp_path, "demo_img2img.png")
 
         # Inpainting: no stroke yet is a message on the page; then draw across the mouth and inpaint.
@@ -239,11 +246,11 @@ def test_browser_text_to_image_img2img_and_inpaint(chromium, server, tmp_path):
         draw_stroke(driver, canvas, [(-60, 40), (-20, 50), (20, 50), (60, 40)])
         css("#inpaint-run").click()
         wait_for(driver, lambda d: images_in(d, "#inpaint-gallery"), 60, "an inpainted image in the gallery")
-        wait_for(driver, lambda d: "Step 12 of 12" in caption("inpaint")(d), 10, "the inpainting decoding")
+        wait_for(driver, lambda d: f"Step {steps} of {steps}" in caption("inpaint")(d), 10, "the inpainting decoding")
         assert "256 of 256 tokens decided" in caption("inpaint")(driver)
         shot(driver, tmp_path, "demo_inpaint.png")
         css("#inpaint-step input[type=number]").send_keys(Keys.CONTROL, "a", Keys.NULL, "1", Keys.TAB)
-        wait_for(driver, lambda d: "Step 1 of 12" in caption("inpaint")(d), 10, "step 1 after scrubbing")
+        wait_for(driver, lambda d: f"Step 1 of {steps}" in caption("inpaint")(d), 10, "step 1 after scrubbing")
         decided, new = map(int, re.search(r"(\d+) of 256 tokens decided, (\d+) of them", caption("inpaint")(driver)
                                           ).groups())
         assert 0 < 256 - (decided - new) < 128  # the stroke masked some tokens, not the whole image
