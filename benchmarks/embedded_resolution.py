@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from amused import embedded_model_path  # noqa: E402
+from amused.loading import config_from_dict, read_json  # noqa: E402
 from amused.models.uvit import UViT, UViTConfig  # noqa: E402
 from amused.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
@@ -48,11 +49,9 @@ def main() -> None:
     ap.add_argument("--out", help="JSON results")
     args = ap.parse_args()
     folder = embedded_model_path()
-    uvit_cfg = UViTConfig(**{k: v for k, v in json.loads((folder / "transformer/config.json").read_text()).items()
-                             if k in {f.name for f in dataclasses.fields(UViTConfig)}})
-    vq_cfg = VQGANConfig(**{k: v for k, v in json.loads((folder / "vqvae/config.json").read_text()).items()
-                            if k in {f.name for f in dataclasses.fields(VQGANConfig)}})
-    gen = json.loads((folder / "generation_config.json").read_text())
+    uvit_cfg = config_from_dict(UViTConfig, read_json(folder / "transformer/config.json"), folder / "transformer")
+    vq_cfg = config_from_dict(VQGANConfig, read_json(folder / "vqvae/config.json"), folder / "vqvae")
+    gen = read_json(folder / "generation_config.json")
     steps, rows = gen["num_inference_steps"], 2 if gen["guidance_scale"] > 1 else 1
     torch.manual_seed(0)
     built = {}

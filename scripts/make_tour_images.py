@@ -3,9 +3,8 @@
     python scripts/make_tour_images.py --out docs/images
 
 Writes tour_img2img.png (input, strength 0.4, 0.7), tour_inpaint.png (input with the masked rectangle, two
-prompts) and tour_decoding.png (every other step, 1, 3, 5, 7 of the model's 8, greyed where still masked, over each step's
-confidence map),
-tiles upscaled 2x.
+prompts) and tour_decoding.png (every other step, 1, 3, 5, 7 of the model's 8, greyed where still masked, over
+each step's confidence map), tiles upscaled 2x.
 """
 
 import argparse

@@ -163,6 +163,7 @@ def main() -> None:
     source = next(r for r in rows if r["emoji"] == INSTANCE_EMOJI and r["style"] == "google" and not r.get("skin_tone"))
     instance = ink_drawing(Image.open(Path(args.data) / source["split"] / source["file_name"]))
     instance.save(work / "instance.png")
+
     def styled(name: str) -> str:  # "NAME, STYLE WORDS", or the name alone with --style-word ""
         return f"{name}, {args.style_word}" if args.style_word else name
 

@@ -30,8 +30,8 @@ UVIT_FLAT = dataclasses.replace(UVIT, downsample=False, upsample=False)
 # fp16 weights (24.7 MB) fit the 32 MiB budget beside a 4096-code VQGAN (7.7 MB).
 UVIT_L6 = dataclasses.replace(UVIT, num_hidden_layers=6, intermediate_size=768)
 # Ten layers, MLP 1024: 20.3 M parameters with 4096 codes; only int8 storage (amused.int8, ~19.4 MiB) fits the
-# budget. About 1.45x UVIT_L6's CPU forward (the transformer runs on 8x8 tokens; the convolution stages and the
-# head are unchanged).
+# budget. 1.38x UVIT_L6's CPU image time at 8 steps (docs/results/cpu_draws_embedded_session9.json: the
+# transformer runs on 8x8 tokens; the convolution stages and the head are unchanged).
 UVIT_L10 = dataclasses.replace(UVIT, num_hidden_layers=10, intermediate_size=1024)
 VARIANTS = {"uvit": UVIT, "uvit_flat": UVIT_FLAT, "uvit_l6": UVIT_L6, "uvit_l10": UVIT_L10}
 

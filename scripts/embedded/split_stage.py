@@ -37,11 +37,11 @@ def main():
     packed = lzma.compress(buf.getvalue(), preset=6)
     for old in Path(".").glob(".stage_?"):
         shutil.rmtree(old)
-    start, sizes = 0, [int(args.first * MIB)]
+    start = 0
     for letter in string.ascii_lowercase:
         if start >= len(packed):
             break
-        size = sizes[0] if letter == "a" else int(args.size * MIB)
+        size = int((args.first if letter == "a" else args.size) * MIB)
         chunk = Path(f".stage_{letter}")
         chunk.mkdir()
         (chunk / f"stage.tar.xz.{letter}").write_bytes(packed[start:start + size])
