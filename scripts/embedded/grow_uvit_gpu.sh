@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fifth pass on the embedded model (issue 16, session 9), two U-ViT runs side by side on ONE GPU in one hold:
+# U-ViT runs for the embedded model (issue 16), side by side on ONE GPU in one hold (RUNS, default "cont l10"):
 #   cont   the shipped six-layer U-ViT trained further: `amused finetune --model <the shipped pipeline>` (fresh
 #          AdamW, lr 5e-4 cosine, 200 warm-up), as a user continues a model; same CPU cost as what ships;
+#   gN     the shipped U-ViT grown to N layers (grow_layers.py: new layers start as the identity, so training
+#          starts from the shipped model's quality), then trained as cont (session 10);
 #   l10    config.UVIT_L10 (ten layers, MLP 1024, 20.3 M parameters) from scratch on the same data: does capacity
 #          pay? (only int8 storage fits it in the 32 MiB budget; 1.38x the CPU image time at 8 steps)
 # Both on the shipped VQGAN's tokens, style-less caption copies included, batch 1024, EMA 0.999, bf16, --compile.
@@ -17,7 +19,7 @@ OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/emb}; S=.stage
 UVIT_SECONDS=${UVIT_SECONDS:-900}; BATCH=${BATCH:-1024}; TIMING_STEPS=${TIMING_STEPS:-200}
 RUNS=${RUNS:-"cont l10"}
 # For a dry run on the CPU: EVAL_DEVICE=cpu COMPILE= MP=no LIMIT=200 (training rows kept) EVAL_ARGS="--num-names 8"
-EVAL_DEVICE=${EVAL_DEVICE:-cuda}; COMPILE=${COMPILE---compile}; MP=${MP:-bf16}; EVAL_ARGS=${EVAL_ARGS:-}
+EVAL_DEVICE=${EVAL_DEVICE:-cuda}; EVAL_STEPS=${EVAL_STEPS:-"12 8"}; COMPILE=${COMPILE---compile}; MP=${MP:-bf16}; EVAL_ARGS=${EVAL_ARGS:-}
 AM="python3 -m amused.cli"
 SHIPPED=src/amused/assets/amused-emoji-64
 mkdir -p "$W/res" "$OUT"
@@ -52,6 +54,9 @@ train() {  # RUN OUTPUT_DIR STEPS LOG_EVERY
   case $1 in
     cont) $AM finetune --pretrained_model_name_or_path "$W/pipe" --learning_rate 5e-4 --lr_warmup_steps 200 \
             --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
+    g*) [ -f "$W/pipe_$1/transformer/config.json" ] || python3 scripts/embedded/grow_layers.py "$W/pipe" "$W/pipe_$1" --layers "${1#g}"
+        $AM finetune --pretrained_model_name_or_path "$W/pipe_$1" --learning_rate 5e-4 --lr_warmup_steps 200 \
+            --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
     l10) $AM train --vqvae_path "$W/pipe/vqvae" --text_encoder_path "$S/minilm" --transformer_config "$W/uvit_l10.json" \
             --learning_rate 1e-3 --lr_warmup_steps 300 --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
   esac
@@ -62,7 +67,7 @@ pack() {  # everything small in one file, replaced atomically
 }
 
 echo "== timing runs side by side, shipped model evaluated meanwhile $(date +%T)"
-( evaluate shipped "$W/pipe" 12; evaluate shipped "$W/pipe" 8 ) &
+( for n in $EVAL_STEPS; do evaluate shipped "$W/pipe" "$n"; done ) &
 TIMERS=()
 for r in $RUNS; do
   ( train "$r" "$W/t_$r" "$TIMING_STEPS" "$((TIMING_STEPS / 2))" > "$W/res/t_$r.log" 2>&1 || echo "timing $r failed" ) &
@@ -84,8 +89,7 @@ one_run() {
   pack
   cp "$SHIPPED/generation_config.json" "$W/$r/"  # the shipped model's sampling defaults
   [ -d "$W/$r/text_encoder" ] || cp -r "$W/pipe/text_encoder" "$W/pipe/tokenizer" "$W/$r/"
-  evaluate "$r" "$W/$r" 12
-  evaluate "$r" "$W/$r" 8
+  for n in $EVAL_STEPS; do evaluate "$r" "$W/$r" "$n"; done
   pack
   echo "== done $r $(date +%T)"
 }
