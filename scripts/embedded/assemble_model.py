@@ -4,7 +4,7 @@ folder's text encoder, tokenizer reference and generation settings. The schedule
 U-ViT's vocabulary (its last id, as in the published checkpoints).
 
     python scripts/embedded/assemble_model.py --vq VQ_DIR --uvit PARTS_PREFIX_OR_FILE \
-        --uvit-config transformer.config.json --out DIR [--base src/amused/assets/amused-emoji-64]
+        --uvit-config transformer.config.json --out DIR [--base src/amused/assets/amused-emoji-64] [--int8]
 """
 
 import argparse
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--uvit-config", type=Path, required=True, help="the U-ViT's config.json")
     ap.add_argument("--base", type=Path, default=Path("src/amused/assets/amused-emoji-64"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--int8", action="store_true", help="store the U-ViT's matrices as int8 with per-row scales "
+                    "(amused.int8): half of fp16's bytes, for a U-ViT over the size budget in fp16")
     args = ap.parse_args()
 
     out = args.out
@@ -60,7 +62,7 @@ def main() -> None:
     (out / "transformer").mkdir()
     (out / "transformer" / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     state = uvit_state(args.uvit)  # sharded under 15 MiB a file (diffusers' layout): the repository's file limit
-    save_sharded({k: v.half() for k, v in state.items()}, out / "transformer")
+    save_sharded({k: v.half() for k, v in state.items()}, out / "transformer", int8_weights=args.int8)
 
     sched = json.loads((args.base / "scheduler" / "scheduler_config.json").read_text())
     sched["mask_token_id"] = cfg["vocab_size"] - 1

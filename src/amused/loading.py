@@ -324,26 +324,31 @@ def _alive(pid: int) -> bool:
 
 
 def save_sharded(state: dict[str, torch.Tensor], folder: Path, name: str = WEIGHTS_NAME,
-                 max_shard_bytes: int = 15 * 2**20) -> list[Path]:
+                 max_shard_bytes: int = 15 * 2**20, int8_weights: bool = False) -> list[Path]:
     """`state` as diffusers' sharded safetensors (`NAME-0000k-of-0000n.safetensors` + `NAME.safetensors.index.json`)
     when it is over `max_shard_bytes`, else one `NAME.safetensors`; tensors kept in order, each file atomic.
-    Returns the files written."""
+    `int8_weights`: stored in `amused.int8`'s compact form, every matrix in the same shard as its scale (each
+    shard is read back on its own). Returns the files written."""
+    metadata = {"format": "pt"}
+    if int8_weights:
+        state, extra = int8.quantize(state)
+        metadata.update(extra)
     shards, size = [{}], 0
     for key, value in state.items():
         nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + nbytes > max_shard_bytes and not key.endswith(int8.SCALE_SUFFIX):
             shards.append({})
             size = 0
         shards[-1][key] = value.contiguous()
         size += nbytes
     if len(shards) == 1:
         path = folder / f"{name}.safetensors"
-        atomic_write(path, lambda tmp: save_file(shards[0], str(tmp), metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
         return [path]
     files, weight_map = [], {}
     for k, shard in enumerate(shards, 1):
         path = folder / f"{name}-{k:05d}-of-{len(shards):05d}.safetensors"
-        atomic_write(path, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
         weight_map.update({key: path.name for key in shard})
         files.append(path)
     total = sum(v.numel() * v.element_size() for v in state.values())
