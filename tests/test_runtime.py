@@ -79,3 +79,23 @@ def test_thread_count_from_the_environment(monkeypatch):
                 configure_cpu_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_dtype_on_the_cpu_is_bf16_only_where_the_cpu_does_it(monkeypatch):
+    """`--dtype auto` on the CPU: bf16 where the CPU has bf16 arithmetic, float32 elsewhere and always with
+    diffusers' random stream (whose images are float32 ones); an engine loads its weights so."""
+    from amused import runtime
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "native_cpu_bf16", lambda native=native: native)
+        assert runtime.pick_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+        assert runtime.pick_dtype("auto", cpu, reference_stream=True) == torch.float32
+        assert runtime.pick_dtype("fp32", cpu) == torch.float32
+        assert runtime.pick_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda: True)
+    engine = runtime.load_engine("embedded", device="cpu")
+    assert engine.pipe.transformer.dtype == torch.bfloat16
+    image = engine.task("text")("red apple", generator=engine.generator(0), num_inference_steps=2).images[0]
+    assert image.size == (64, 64) and len(set(image.getdata())) > 10  # a picture, not a flat colour
+    assert runtime.load_engine("embedded", device="cpu", reference_stream=True).pipe.transformer.dtype == torch.float32

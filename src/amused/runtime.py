@@ -7,8 +7,9 @@ that wants what the command line gets:
     image = engine.task("text")("red apple", generator=engine.generator(0)).images[0]
 
 What it decides, once, for every face:
-- the device (`auto`: CUDA when present) and the weights' dtype (fp16 on CUDA, float32 on the CPU), with a
-  one-line error for a device this machine does not have;
+- the device (`auto`: CUDA when present) and the weights' dtype (fp16 on CUDA; on the CPU bf16 where it is done in
+  hardware, else float32, and float32 for diffusers' random stream), with a one-line error for a device this
+  machine does not have;
 - the model: `embedded` (or nothing) names the model shipped in the package, anything else a folder or hub id;
 - the random stream: by default the fast draws: on a GPU, on-device draws from a CUDA generator (no host
   sync; what the fast path replays), on the CPU inverse-CDF draws (one uniform per token instead of one per
@@ -67,12 +68,25 @@ def pick_device(name: str = "auto"):
     return device
 
 
-def pick_dtype(name: str, device):
-    """`auto` -> float16 on CUDA (the published weights' dtype), float32 on the CPU."""
+def native_cpu_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (AVX512-BF16 or AMX; torch's own probe). Elsewhere
+    bf16 is emulated and no faster than float32."""
+    import torch
+
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
+
+
+def pick_dtype(name: str, device, reference_stream: bool = False):
+    """`auto` -> float16 on CUDA (the published weights' dtype); on the CPU bfloat16 where the CPU does it in
+    hardware (a CPU image of the embedded model in ~0.7x the float32 time, docs/results/cpu_dtype_embedded.json),
+    else float32, and float32 always with `reference_stream` (diffusers' images, which it computes in float32)."""
     import torch
 
     if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if not reference_stream and native_cpu_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: choose auto, {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[name])
@@ -226,7 +240,7 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
     from .embedded import EMBEDDED_NAME, resolve_model_name
 
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
+    torch_dtype = pick_dtype(dtype, torch_device, reference_stream)
     mode = resolve_fast(fast, torch_device, expected_images)
     if torch_device.type == "cpu":
         configure_cpu_threads()
@@ -245,7 +259,9 @@ def load_engine(model: str | None = None, device: str = "auto", dtype: str = "au
 def add_runtime_args(p: argparse.ArgumentParser, fast_default: str = "auto") -> None:
     """The flags every generating command shares."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (default: fp16 on GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights dtype (default: fp16 on GPU; on the CPU bf16 where the CPU does it in hardware "
+                        "(AVX512-BF16, AMX), else fp32; fp32 with --reference-stream)")
     p.add_argument("--fast", default=fast_default, choices=FAST_MODES,
                    help="GPU fast path: off (plain loop), graph (CUDA graphs), compile (CUDA graphs of "
                         "torch.compile'd kernels; slow first start, cached on disk), auto: by the number of images "
