@@ -14,6 +14,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from amused.loading import atomic_write
+
 PART_BYTES = 15 * 2**20
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -27,8 +29,9 @@ for name, value in state.items():
         size = 0
     parts[-1][name] = value
     size += nbytes
-for i, part in enumerate(parts):
-    save_file(part, out / f"transformer.fp16.part{i}.safetensors")
+for i, part in enumerate(parts):  # atomic, with the permissions of any new file (save_file alone gives 0600)
+    atomic_write(out / f"transformer.fp16.part{i}.safetensors",
+                 lambda tmp, part=part: save_file(part, str(tmp), metadata={"format": "pt"}))
 shutil.copy(run / "transformer" / "config.json", out / "transformer.config.json")
 shutil.copy(run / "logs" / "train_log.jsonl", out / "uvit_log.jsonl")
 print("shipped", len(parts), "parts of", out / "transformer.fp16.safetensors")
