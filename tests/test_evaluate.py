@@ -139,6 +139,7 @@ def test_eval_command_writes_results_and_grid(ref_dir, tmp_path, capsys):
     # settings not given are the checkpoint's defaults (this one has no generation_config.json: diffusers')
     assert results["settings"]["temperature"] == [2.0, 0.0] and results["settings"]["guidance_scale"] == 10.0
     assert results["settings"]["steps"] == 2
+    assert results["settings"]["device"] == "cpu" and results["settings"]["dtype"] in ("float32", "bfloat16")
     assert PIL.Image.open(grid).size[0] > 0 and len(results["grid"]["prompts"]) == 5
     printed = capsys.readouterr().out
     assert "held-out" in printed and "random token grids" in printed and "dB" in printed and "names" in printed

@@ -250,7 +250,8 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
     results["settings"] = {"num_train": len(train_idx), "num_heldout": len(held_idx), "num_names": len(names),
                            "seed": seed,
                            "guidance_scale": guidance_scale, "steps": steps, "batch_size": batch_size,
-                           "sampler": sampler,
+                           "sampler": sampler, "device": pipe.device.type,
+                           "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
                            "temperature": list(temperature) if isinstance(temperature, (tuple, list)) else temperature}
     results["seconds"] = round(time.perf_counter() - t0, 1)
     n = len(train_idx) + len(held_idx) + len(names)
