@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import int8
@@ -128,9 +128,9 @@ def load_state_dict(path: Path, device: str | torch.device | None = None) -> dic
         return state
     try:
         if path.suffix == ".safetensors":
-            state = load_file(str(path), device=device)
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "pt", device=device) as f:  # one open: the tensors and the metadata
                 metadata = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}
             if metadata.get(int8.METADATA_KEY) == int8.METADATA_VALUE:  # a compact file (amused.int8)
                 state = int8.dequantize(state, path)
             return state
