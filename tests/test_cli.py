@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 
 from amused.cli import main
+from amused.embedded import embedded_model_path
 
 
 def test_generate_single_image_with_metadata_and_replay(ref_dir, tmp_path, capsys):
@@ -71,7 +72,9 @@ def test_embedded_model_is_the_default(tmp_path):
     image = PIL.Image.open(out)
     assert image.size == (64, 64)
     meta = json.loads(image.info["amused"])
-    assert meta["model"] == "embedded" and meta["guidance_scale"] == 2.0  # the checkpoint's generation_config
+    defaults = json.loads((embedded_model_path() / "generation_config.json").read_text())
+    assert meta["model"] == "embedded" and meta["guidance_scale"] == defaults["guidance_scale"] != 10.0  # not diffusers'
+    assert defaults["guidance_scale"] == 1.5  # chosen by measurement (docs/embedded_model.md, Session 10)
     assert meta["temperature"] == [0.5, 0]
     named = tmp_path / "named.png"  # `--model embedded` names the same model, as in every other command
     assert main(["generate", "red apple, openmoji style", "--model", "embedded", "--out", str(named), "--device",

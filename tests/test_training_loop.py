@@ -232,7 +232,7 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_keys(setup, tmp_path
 
 def test_finetune_of_the_embedded_model_keeps_its_generation_settings(tmp_path):
     """`--pretrained_model_name_or_path embedded` fine-tunes the shipped model; the saved pipeline carries its
-    generation_config.json (guidance 2, temperature 0.5 -> 0), with --default_* flags overriding single values."""
+    generation_config.json (guidance 1.5, temperature 0.5 -> 0), with --default_* flags overriding single values."""
     from amused.embedded import embedded_model_path
 
     base = json.loads((embedded_model_path() / "generation_config.json").read_text())
