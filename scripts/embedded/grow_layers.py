@@ -46,19 +46,16 @@ def zero_residuals(layer: torch.nn.Module) -> None:
 
 
 def grow(model: UViT, layers: int) -> UViT:
-    plan = layer_plan(model.config.num_hidden_layers, layers)
-    grown = UViT(dataclasses.replace(model.config, num_hidden_layers=layers))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("transformer_layers.")}
-    grown.load_state_dict(state, strict=False)
+    """A copy of `model` with `layers` transformer layers (`layer_plan`); everything else is the model's own."""
+    grown = copy.deepcopy(model)
+    grown.config = dataclasses.replace(model.config, num_hidden_layers=layers)
     stack, last = [], None
-    for source in plan:
-        if source is None:
-            new = copy.deepcopy(model.transformer_layers[last])
-            zero_residuals(new)
-            stack.append(new)
-        else:
-            stack.append(copy.deepcopy(model.transformer_layers[source]))
+    for source in layer_plan(model.config.num_hidden_layers, layers):
+        if source is not None:
             last = source
+        stack.append(copy.deepcopy(model.transformer_layers[last]))
+        if source is None:
+            zero_residuals(stack[-1])
     grown.transformer_layers = torch.nn.ModuleList(stack)
     return grown
 

@@ -52,10 +52,12 @@ train() {  # RUN OUTPUT_DIR STEPS LOG_EVERY
     --use_ema --ema_decay 0.999 --cond_dropout_prob 0.1 --label_smoothing 0.1 $COMPILE --logging_steps "$4"
     --preencoded_data_dir "$W/enc" --dataloader_num_workers 2 --output_dir "$2")
   case $1 in
-    cont) $AM finetune --pretrained_model_name_or_path "$W/pipe" --learning_rate 5e-4 --lr_warmup_steps 200 \
-            --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
-    g*) [ -f "$W/pipe_$1/transformer/config.json" ] || python3 scripts/embedded/grow_layers.py "$W/pipe" "$W/pipe_$1" --layers "${1#g}"
-        $AM finetune --pretrained_model_name_or_path "$W/pipe_$1" --learning_rate 5e-4 --lr_warmup_steps 200 \
+    cont|g*) local pipe="$W/pipe"
+        if [ "$1" != cont ]; then  # gN: the shipped pipeline grown to N layers, once (the timing run makes it)
+          pipe="$W/pipe_$1"
+          [ -f "$pipe/transformer/config.json" ] || python3 scripts/embedded/grow_layers.py "$W/pipe" "$pipe" --layers "${1#g}"
+        fi
+        $AM finetune --pretrained_model_name_or_path "$pipe" --learning_rate 5e-4 --lr_warmup_steps 200 \
             --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
     l10) $AM train --vqvae_path "$W/pipe/vqvae" --text_encoder_path "$S/minilm" --transformer_config "$W/uvit_l10.json" \
             --learning_rate 1e-3 --lr_warmup_steps 300 --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
