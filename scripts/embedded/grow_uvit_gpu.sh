@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # U-ViT runs for the embedded model (issue 16), side by side on ONE GPU in one hold (RUNS, default "cont l10"):
-#   cont   the shipped six-layer U-ViT trained further: `amused finetune --model <the shipped pipeline>` (fresh
-#          AdamW, lr 5e-4 cosine, 200 warm-up), as a user continues a model; same CPU cost as what ships;
+#   cont   the shipped U-ViT trained further: `amused finetune --model <the shipped pipeline>` (fresh
+#          AdamW, lr FT_LR (5e-4) cosine, FT_WARMUP (200) warm-up), as a user continues a model; same CPU cost as what ships;
 #   gN     the shipped U-ViT grown to N layers (grow_layers.py: new layers start as the identity, so training
 #          starts from the shipped model's quality), then trained as cont (session 10);
 #   l10    config.UVIT_L10 (ten layers, MLP 1024, 20.3 M parameters) from scratch on the same data: does capacity
@@ -18,6 +18,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/emb}; S=.stage
 UVIT_SECONDS=${UVIT_SECONDS:-900}; BATCH=${BATCH:-1024}; TIMING_STEPS=${TIMING_STEPS:-200}
 RUNS=${RUNS:-"cont l10"}
+FT_LR=${FT_LR:-5e-4}; FT_WARMUP=${FT_WARMUP:-200}  # cont / gN: finetune learning rate and warm-up
 # For a dry run on the CPU: EVAL_DEVICE=cpu COMPILE= MP=no LIMIT=200 (training rows kept) EVAL_ARGS="--num-names 8"
 EVAL_DEVICE=${EVAL_DEVICE:-cuda}; EVAL_STEPS=${EVAL_STEPS:-"12 8"}; COMPILE=${COMPILE---compile}; MP=${MP:-bf16}; EVAL_ARGS=${EVAL_ARGS:-}
 AM="python3 -m amused.cli"
@@ -57,7 +58,7 @@ train() {  # RUN OUTPUT_DIR STEPS LOG_EVERY
           pipe="$W/pipe_$1"
           [ -f "$pipe/transformer/config.json" ] || python3 scripts/embedded/grow_layers.py "$W/pipe" "$pipe" --layers "${1#g}"
         fi
-        $AM finetune --pretrained_model_name_or_path "$pipe" --learning_rate 5e-4 --lr_warmup_steps 200 \
+        $AM finetune --pretrained_model_name_or_path "$pipe" --learning_rate "$FT_LR" --lr_warmup_steps "$FT_WARMUP" \
             --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
     l10) $AM train --vqvae_path "$W/pipe/vqvae" --text_encoder_path "$S/minilm" --transformer_config "$W/uvit_l10.json" \
             --learning_rate 1e-3 --lr_warmup_steps 300 --checkpointing_steps 2000 --checkpoints_total_limit 1 "${common[@]}" ;;
