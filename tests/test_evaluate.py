@@ -141,8 +141,13 @@ def test_eval_command_writes_results_and_grid(ref_dir, tmp_path, capsys):
     assert results["settings"]["steps"] == 2
     assert results["settings"]["device"] == "cpu" and results["settings"]["dtype"] in ("float32", "bfloat16")
     assert PIL.Image.open(grid).size[0] > 0 and len(results["grid"]["prompts"]) == 5
+    breakdown = results["heldout_breakdown"]  # 2 held-out pairs (emoji 4 and 5 in twitter style)
+    assert breakdown["pairs"] == 2 and breakdown["names_of_heldout_emoji"]["n"] == 2
+    assert breakdown["heldout_hits_in_prompted_style"] + breakdown["heldout_hits_in_other_style"] == round(
+        2 * results["retrieval"]["generated_heldout"]["emoji_accuracy"])
     printed = capsys.readouterr().out
     assert "held-out" in printed and "random token grids" in printed and "dB" in printed and "names" in printed
+    assert "pairs hit" in printed
 
 
 def test_eval_command_names_missing_data(tmp_path):
@@ -161,3 +166,20 @@ def test_names_are_every_training_emoji_once_and_any_style_is_a_hit(tmp_path):
                for e, s in (("emoji 0", "google"), ("emoji 0", "twitter"), ("emoji 1", "google"))]
     scores = ev.retrieval_scores(torch.tensor([1, 0]), names[:2], db_rows)  # neighbours of "emoji 0", "emoji 1"
     assert scores["emoji_accuracy"] == 0.5 and scores["style_accuracy"] is None  # emoji 0 hit via twitter
+
+
+def test_heldout_breakdown_separates_knowing_the_emoji_from_composing_it():
+    rows = [{"text": f"{e}{t}, {s} style", "emoji": e, "style": s} for e in ("a", "b", "c")
+            for s in ("google", "twitter") for t in ("", ", dark skin tone")]
+    held = ["a, twitter style", "a, dark skin tone, twitter style", "b, twitter style", "c, twitter style"]
+    retrieval = {
+        "generated_heldout": {"neighbours": [[held[0], "a, dark skin tone, twitter style"],  # own style: sibling
+                                             [held[1], "a, google style"],  # right emoji, another style
+                                             [held[2], "c, twitter style"],  # wrong emoji
+                                             [held[3], "c, google style"]]},
+        "generated_names": {"neighbours": [["a", "a, google style"], ["b", "b, twitter style"],
+                                           ["c", "a, google style"], ["d", "d, google style"]]}}
+    b = ev.heldout_breakdown(retrieval, rows + [{"text": "d, google style", "emoji": "d", "style": "google"}])
+    assert b == {"names_of_heldout_emoji": {"n": 3, "emoji_accuracy": 2 / 3},  # "d" is no held-out emoji
+                 "heldout_hits_in_prompted_style": 1, "heldout_hits_in_other_style": 2, "pairs": 3, "pairs_hit": 2}
+    assert ev.heldout_breakdown({"generated_heldout": retrieval["generated_heldout"]}, rows) is None

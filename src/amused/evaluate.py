@@ -143,6 +143,31 @@ def retrieval_scores(neighbours: torch.Tensor, query_rows: list[dict], db_rows: 
             "neighbours": [[row["text"], db_rows[j]["text"]] for j, row in zip(neighbours.tolist(), query_rows)]}
 
 
+def heldout_breakdown(retrieval: dict, rows: list[dict]) -> dict | None:
+    """Where the held-out pairs' hits come from, out of `retrieval`'s neighbour lists (None unless both the
+    held-out pairs and the names were evaluated): the names accuracy on the held-out pairs' emoji alone (does the
+    model know those emoji?), the held-out hits whose neighbour is in the prompted style (the unseen drawing or its
+    skin-tone siblings) or in another style, and how many (emoji, style) pairs were hit at least once."""
+    held, names = retrieval.get("generated_heldout"), retrieval.get("generated_names")
+    if held is None or names is None:
+        return None
+    by_text = {r["text"]: r for r in rows}
+    held_emoji = {by_text[q]["emoji"] for q, _ in held["neighbours"]}
+    known = [by_text[n]["emoji"] == q for q, n in names["neighbours"] if q in held_emoji]
+    same = other = 0
+    pairs, hit_pairs = set(), set()
+    for q, n in held["neighbours"]:
+        query, found = by_text[q], by_text[n]
+        pairs.add((query["emoji"], query["style"]))
+        if found["emoji"] == query["emoji"]:
+            hit_pairs.add((query["emoji"], query["style"]))
+            same += found["style"] == query["style"]
+            other += found["style"] != query["style"]
+    return {"names_of_heldout_emoji": {"n": len(known), "emoji_accuracy": float(np.mean(known)) if known else None},
+            "heldout_hits_in_prompted_style": same, "heldout_hits_in_other_style": other,
+            "pairs": len(pairs), "pairs_hit": len(hit_pairs)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Images from the model
 
@@ -236,6 +261,9 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
         gen = generate(pipe, [r["text"] for r in names], seed, guidance_scale, temperature, steps, batch_size, sampler)
         generating += time.perf_counter() - started
         results["retrieval"]["generated_names"] = retrieval_scores(nearest(features(gen), db), names, rows)
+        breakdown = heldout_breakdown(results["retrieval"], rows)
+        if breakdown is not None:
+            results["heldout_breakdown"] = breakdown
 
     both = train_idx + held_idx
     both_rows = [rows[i] for i in both]
@@ -287,6 +315,12 @@ def format_table(results: dict) -> str:
         style = f"{r['style_accuracy']:.1%}" if r["style_accuracy"] is not None else "-"
         lines.append(f"  {images:<37}{captions:<18}{r['n']:>5}{r['emoji_accuracy']:>8.1%}{plain:>10}"
                      f"{style:>8}{r['chance']:>8.2%}")
+    b = results.get("heldout_breakdown")
+    if b:
+        known = b["names_of_heldout_emoji"]
+        lines += ["", f"Held-out pairs: {b['pairs_hit']} of {b['pairs']} (emoji, style) pairs hit; hits in the prompted "
+                      f"style {b['heldout_hits_in_prompted_style']}, in another {b['heldout_hits_in_other_style']}; "
+                      f"their {known['n']} emoji by name alone: {known['emoji_accuracy']:.1%}"]
     return "\n".join(lines)
 
 
