@@ -4,7 +4,6 @@ import argparse
 import io
 import json
 import random
-import tarfile
 
 import numpy as np
 import PIL.Image
@@ -14,6 +13,7 @@ import torch
 from amused.training.data import (EpochSampler, ImageFolder, PreencodedDataset, Records, TrainDataset, make_dataset,
                                   preprocess)
 from amused.training.shards import TarShardStream, expand_shards
+from tiny import tar_bytes
 from train_tiny import make_image_folder, make_pipeline, one_torch_thread  # noqa: F401
 
 
@@ -95,14 +95,12 @@ def test_epoch_sampler_is_seeded_disjoint_across_ranks_and_resumable():
 
 
 def _write_tar(path, items):
-    with tarfile.open(path, "w") as tar:
-        for key, colour, caption in items:
-            buf = io.BytesIO()
-            PIL.Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
-            for ext, data in (("png", buf.getvalue()), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    members = []
+    for key, colour, caption in items:
+        buf = io.BytesIO()
+        PIL.Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+        members += [(f"{key}.png", buf.getvalue()), (f"{key}.txt", caption.encode())]
+    path.write_bytes(tar_bytes(members))
 
 
 def test_tar_shards_stream_and_resume_in_order(tmp_path):

@@ -13,7 +13,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tarfile
 import zlib
 
 import numpy as np
@@ -29,7 +28,7 @@ from amused.loading import CheckpointError, atomic_write, clean_stale_temps, con
 from amused.models.uvit import UViTConfig
 from amused.models.vqgan import VQGANConfig
 from amused.training import data
-from tiny import UVIT_KWARGS, VQ_KWARGS
+from tiny import UVIT_KWARGS, VQ_KWARGS, tar_bytes
 
 
 def png_bytes(image: PIL.Image.Image, **save) -> bytes:
@@ -495,26 +494,16 @@ def test_datasets_rows_reach_the_one_image_reader_undecoded(tmp_path, no_decodin
             records[i]
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, raw in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return buffer.getvalue()
-
-
 GOOD_PNG = png_bytes(PIL.Image.new("RGB", (8, 8)))
 
 
 @pytest.mark.parametrize("content,problem", [
     (b"hello world\n" * 100, "not a readable tar file"),
-    (_tar([("0000.png", GOOD_PNG), ("0000.txt", b"x" * 1000)])[:2000], "not a readable tar file"),  # in the data
+    (tar_bytes([("0000.png", GOOD_PNG), ("0000.txt", b"x" * 1000)])[:2000], "not a readable tar file"),  # in the data
     (b"\x1f\x8b\x08\x00" + bytes(range(200)), "not a readable tar file"),
-    (_tar([("0000.png", GOOD_PNG), ("0000.txt", b"x" * 2000)]), "'0000.txt' declares 2,000 bytes, over the limit"),
-    (_tar([("0000.png", GOOD_PNG), ("0000.json", b"{oops")]), "sample 0000: unreadable caption"),
-    (_tar([("0000.png", GOOD_PNG), ("0000.txt", b"\xff\xfe")]), "sample 0000: unreadable caption"),
+    (tar_bytes([("0000.png", GOOD_PNG), ("0000.txt", b"x" * 2000)]), "'0000.txt' declares 2,000 bytes, over the limit"),
+    (tar_bytes([("0000.png", GOOD_PNG), ("0000.json", b"{oops")]), "sample 0000: unreadable caption"),
+    (tar_bytes([("0000.png", GOOD_PNG), ("0000.txt", b"\xff\xfe")]), "sample 0000: unreadable caption"),
 ])
 def test_broken_tar_shards_are_one_line_errors_naming_the_shard(tmp_path, monkeypatch, content, problem):
     from amused.training import shards

@@ -7,7 +7,6 @@ import io
 import json
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import PIL.Image
 import pytest
 import torch
 
-from tiny import CODEBOOK, MASK_ID, UVIT_KWARGS, VQ_KWARGS, tiny_text_encoder, write_clip_tokenizer
+from tiny import CODEBOOK, MASK_ID, UVIT_KWARGS, VQ_KWARGS, tar_bytes, tiny_text_encoder, write_clip_tokenizer
 
 # A slightly wider U-ViT than tests/tiny.py's (hidden 8 cannot memorise anything in a few steps).
 TRAIN_UVIT = dict(UVIT_KWARGS, hidden_size=32, in_channels=32, block_out_channels=32, intermediate_size=64,
@@ -68,16 +67,14 @@ def make_tar_shards(folder: Path, shards: int = 2, per_shard: int = 5, size: int
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
-        with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
-            for i in range(per_shard):
-                blocks = rng.integers(0, 256, (size // 2, size // 2, 3), dtype=np.uint8)
-                buf = io.BytesIO()
-                PIL.Image.fromarray(blocks.repeat(2, axis=0).repeat(2, axis=1)).save(buf, format="PNG")
-                caption = f"{WORDS[(s * per_shard + i) % len(WORDS)]} {s}-{i}".encode()  # fits 16 tokens
-                for ext, data in (("png", buf.getvalue()), ("txt", caption)):
-                    info = tarfile.TarInfo(f"{s:03d}_{i:04d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for i in range(per_shard):
+            blocks = rng.integers(0, 256, (size // 2, size // 2, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            PIL.Image.fromarray(blocks.repeat(2, axis=0).repeat(2, axis=1)).save(buf, format="PNG")
+            caption = f"{WORDS[(s * per_shard + i) % len(WORDS)]} {s}-{i}".encode()  # fits 16 tokens
+            members += [(f"{s:03d}_{i:04d}.png", buf.getvalue()), (f"{s:03d}_{i:04d}.txt", caption)]
+        (folder / f"shard-{s:03d}.tar").write_bytes(tar_bytes(members))
     return str(folder / f"shard-{{000..{shards - 1:03d}}}.tar")
 
 
