@@ -104,6 +104,24 @@ def write_image_folder(folder: Path, images: list[Image.Image], captions: list[s
             f.write(json.dumps({"file_name": f"{k:05d}.png", "text": caption}) + "\n")
 
 
+def crop_views(image: Image.Image, n: int, seed: int = 0, min_side: float = 0.4) -> list[Image.Image]:
+    """`n` views of the one image for training: the whole image, then random square crops (side a uniform
+    `min_side`..1 of the image's) resized back to its size, each maybe mirrored and turned by a multiple of 90
+    degrees. A LoRA trained on these sees the style's palette and strokes at many places and scales, and the
+    drawing's layout less."""
+    rng = np.random.default_rng(seed)
+    side = image.width
+    views = [image]
+    for _ in range(n - 1):
+        c = int(round(side * rng.uniform(min_side, 1.0)))
+        x, y = (int(v) for v in rng.integers(0, side - c + 1, size=2))
+        view = image.crop((x, y, x + c, y + c)).resize((side, side), Image.BILINEAR)
+        if rng.random() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        views.append(view.rotate(90 * int(rng.integers(4))))
+    return views
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> RGB image."""
     return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
@@ -130,6 +148,7 @@ def main() -> None:
     p.add_argument("--learning-rate", default="1e-3")
     p.add_argument("--targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
                    help="--lora_target_modules")
+    p.add_argument("--rank", type=int, default=16, help="--lora_r (--lora_alpha is twice it)")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA scale at generation")
     p.add_argument("--out", required=True)
     p.add_argument("--grid", default=None)
@@ -140,6 +159,12 @@ def main() -> None:
     p.add_argument("--style-word", default=STYLE_WORD,
                    help="the style's words, after the emoji name in every prompt; '' for none: the adapter alone "
                         "carries the style, and the instance caption is the emoji's name as the base model knows it")
+    p.add_argument("--random-resized-crop", type=float, default=None, metavar="MIN",
+                   help="`amused finetune --random_resized_crop MIN --random_flip`: every step a random zoomed crop "
+                        "of the one image, mirrored half the time")
+    p.add_argument("--crops", type=int, default=0,
+                   help="train on this many views of the one image (the image itself and random crops, mirrors and "
+                        "quarter turns of it, all with its caption) in an image folder instead of the image alone")
     p.add_argument("--prior", type=int, default=0, help="prior preservation with this many class images (0: off)")
     p.add_argument("--prior-weight", default="1.0", help="--prior_loss_weight")
     p.add_argument("--class-dir", help="--class_data_dir (default: <work>/class_N); share one between runs to draw "
@@ -181,10 +206,12 @@ def main() -> None:
 
     def finetune(data: list[str], output_dir: Path) -> list[str]:
         return [sys.executable, "-m", "amused.cli", "finetune", "--pretrained_model_name_or_path", "embedded",
-                *data, "--resolution", "64", "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
+                *data, "--resolution", "64", "--use_lora", "--lora_r", str(args.rank), "--lora_alpha", str(2 * args.rank),
                 "--lora_target_modules", *args.targets,
                 "--learning_rate", args.learning_rate, "--train_batch_size", "4", "--max_train_steps", str(args.steps),
-                "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(output_dir), *prior]
+                "--checkpointing_steps", "0", "--logging_steps", "50", "--output_dir", str(output_dir), *prior,
+                *(["--random_resized_crop", str(args.random_resized_crop), "--random_flip"]
+                  if args.random_resized_crop else [])]
 
     def train(cmd: list[str], output_dir: Path) -> float:
         started = time.perf_counter()
@@ -193,7 +220,12 @@ def main() -> None:
         return time.perf_counter() - started
 
     lora = work / "lora"
-    cmd = finetune(["--instance_data_image", str(work / "instance.png"), "--instance_prompt", caption], lora)
+    if args.crops:
+        views = crop_views(instance, args.crops)
+        write_image_folder(work / "views", views, [caption] * len(views))
+        cmd = finetune(["--train_data_dir", str(work / "views")], lora)
+    else:
+        cmd = finetune(["--instance_data_image", str(work / "instance.png"), "--instance_prompt", caption], lora)
     train_s = train(cmd, lora)
 
     pipe = AmusedPipeline.from_pretrained(embedded_model_path())

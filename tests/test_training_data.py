@@ -42,6 +42,29 @@ def test_flip_mirrors_crop_left_and_pixels():
     pytest.fail("no flip in 20 draws")
 
 
+def test_random_resized_crop_zooms_into_a_random_square_and_is_off_by_default():
+    grid = np.zeros((40, 40, 3), np.uint8)
+    grid[:20, 20:] = 255  # white top-right quadrant on black
+    image = PIL.Image.fromarray(grid)
+    assert torch.equal(preprocess(image, 20, random.Random(5))["pixels"],
+                       preprocess(image, 20, random.Random(5), min_crop=1.0)["pixels"])  # off: the same draws
+    sides, whites = set(), set()
+    for seed in range(40):
+        out = preprocess(image, 20, random.Random(seed), min_crop=0.5)
+        side = 40 * random.Random(seed).uniform(0.5, 1.0)  # the first draw is the crop's side
+        scale = 20 / side
+        resized = max(20, round(40 * scale))
+        top, left = out["micro_conds"][2].item(), out["micro_conds"][3].item()
+        assert out["pixels"].shape == (3, 20, 20) and 0 <= top <= resized - 20 and 0 <= left <= resized - 20
+        assert out["micro_conds"][:2].tolist() == [40.0, 40.0]  # the real size, as without the zoom
+        expected = image.resize((resized, resized), PIL.Image.BILINEAR).crop((left, top, left + 20, top + 20))
+        assert torch.equal(out["pixels"], torch.from_numpy(np.asarray(expected, np.float32) / 255).permute(2, 0, 1))
+        sides.add(resized)
+        whites.add(round(out["pixels"].mean().item(), 2))
+    assert min(sides) == 20 and max(sides) > 35 and len(sides) > 10  # zoomed from 1x to nearly 2x
+    assert len(whites) > 10  # the crops show different parts
+
+
 def test_rgba_is_composited_on_white():
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., :3] = (255, 0, 0)  # garbage colour under fully transparent pixels

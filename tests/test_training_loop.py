@@ -166,6 +166,8 @@ def test_clear_errors_for_unavailable_options(setup, tmp_path):
         main(finetune_args(pipe, images, tmp_path / "b", 2, "--fused_optimizer_step", "--max_grad_norm", "1"))
     with pytest.raises(ValueError, match="--default_guidance_scale set the saved pipeline's generation_config"):
         main(finetune_args(pipe, images, tmp_path / "d", 2, "--use_lora", "--default_guidance_scale", "3"))
+    with pytest.raises(ValueError, match="--random_resized_crop .* in \\(0, 1\\]; got 0.0"):
+        main(finetune_args(pipe, images, tmp_path / "e", 2, "--random_resized_crop", "0"))
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
@@ -190,6 +192,28 @@ def test_single_image_style_recipe_learns(setup, tmp_path):
     p = AmusedPipeline.from_pretrained(pipe)
     lora.load_lora_weights(p, out / lora.LORA_FILE, adapter_scale=0.8)
     assert p("a cat in sks style", num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+def test_random_resized_crop_gives_the_one_image_other_views_each_epoch(setup, tmp_path):
+    """`--random_resized_crop` reaches the single-image dataset `amused finetune` trains on, and trains."""
+    import argparse
+
+    from amused.training.cli import add_commands
+    from amused.training.data import make_dataset
+
+    pipe, images = setup
+    argv = ["finetune", "--pretrained_model_name_or_path", str(pipe), "--instance_data_image", str(images / "img_0.png"),
+            "--instance_prompt", "a pattern in sks style", "--resolution", "8", "--random_resized_crop", "0.4",
+            "--use_lora", "--train_batch_size", "2", "--max_train_steps", "3", "--logging_steps", "1",
+            "--checkpointing_steps", "0", "--output_dir", str(tmp_path / "out")]
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    dataset = make_dataset(parser.parse_args(argv))
+    views = [dataset[(epoch, 0)] for epoch in range(6)]
+    assert len({tuple(v["micro_conds"][2:4].tolist()) for v in views}) > 1  # crops move
+    assert any(not torch.equal(v["pixels"], views[0]["pixels"]) for v in views[1:])
+    main(argv)
+    assert [r["step"] for r in read_log(tmp_path / "out")] == [1, 2, 3]
 
 
 def test_presets_adapt_to_the_given_vqgan_and_text_encoder(tmp_path):

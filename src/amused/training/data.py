@@ -51,7 +51,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def preprocess(image: PIL.Image.Image, resolution: int, rng: random.Random, center_crop: bool = False,
-               random_flip: bool = False, aesthetic: float = DEFAULT_AESTHETIC) -> dict[str, torch.Tensor]:
+               random_flip: bool = False, aesthetic: float = DEFAULT_AESTHETIC,
+               min_crop: float = 1.0) -> dict[str, torch.Tensor]:
     """One training image: resize the shorter side, crop a square, maybe flip.
 
     Args:
@@ -61,6 +62,8 @@ def preprocess(image: PIL.Image.Image, resolution: int, rng: random.Random, cent
         center_crop: centre crop instead of a random one.
         random_flip: flip horizontally with probability 0.5.
         aesthetic: the aesthetic-score micro-conditioning value (6 as the reference).
+        min_crop: below 1, zoom in first (`--random_resized_crop`): the crop's side is a uniform random fraction
+            in [min_crop, 1] of the shorter side (the image is resized so that fraction becomes `resolution`).
 
     Returns:
         {"pixels": (3, R, R) float32 in [0, 1], "micro_conds": (5,) float32
@@ -68,7 +71,8 @@ def preprocess(image: PIL.Image.Image, resolution: int, rng: random.Random, cent
     """
     image = to_rgb(image)
     orig_w, orig_h = image.size
-    scale = resolution / min(orig_w, orig_h)
+    side = min(orig_w, orig_h) * (rng.uniform(min_crop, 1.0) if min_crop < 1 else 1.0)  # no draw when off
+    scale = resolution / side
     new_w, new_h = max(resolution, round(orig_w * scale)), max(resolution, round(orig_h * scale))
     image = image.resize((new_w, new_h), PIL.Image.BILINEAR)
     if center_crop:
@@ -225,9 +229,10 @@ class TrainDataset(torch.utils.data.Dataset):
     """Map-style training set; `EpochSampler` yields (epoch, index) keys so augmentation is reproducible."""
 
     def __init__(self, source, resolution: int, center_crop: bool = False, random_flip: bool = False,
-                 seed: int = 0, prompt_prefix: str | None = None):
+                 seed: int = 0, prompt_prefix: str | None = None, min_crop: float = 1.0):
         self.source, self.resolution, self.seed = source, resolution, seed
         self.center_crop, self.random_flip, self.prompt_prefix = center_crop, random_flip, prompt_prefix
+        self.min_crop = min_crop
 
     def __len__(self) -> int:
         return len(self.source)
@@ -236,7 +241,7 @@ class TrainDataset(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         item = self.source[index]
         out = preprocess(item["image"], self.resolution, sample_rng(self.seed, epoch, index), self.center_crop,
-                         self.random_flip)
+                         self.random_flip, min_crop=self.min_crop)
         out["caption"] = (self.prompt_prefix or "") + item["caption"]
         return out
 
@@ -417,7 +422,8 @@ def make_dataset(args, rank: int = 0, world: int = 1, dataset=None):
         return PreencodedDataset(args.preencoded_data_dir)
     caption_column = get("prompt_key") or get("caption_column") or "text"
     common = dict(resolution=args.resolution, center_crop=bool(get("center_crop")),
-                  random_flip=bool(get("random_flip")), seed=get("seed") or 0, prompt_prefix=get("prompt_prefix"))
+                  random_flip=bool(get("random_flip")), seed=get("seed") or 0, prompt_prefix=get("prompt_prefix"),
+                  min_crop=get("random_resized_crop") or 1.0)
     if get("train_shards"):
         from .shards import TarShardStream, expand_shards
 

@@ -110,10 +110,10 @@ class TarShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[str], resolution: int, batch_size: int, center_crop: bool = False,
                  random_flip: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
-                 prompt_prefix: str | None = None):
+                 prompt_prefix: str | None = None, min_crop: float = 1.0):
         self.shards, self.resolution, self.batch_size, self.seed = shards, resolution, batch_size, seed
         self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
-        self.prompt_prefix = prompt_prefix
+        self.prompt_prefix, self.min_crop = prompt_prefix, min_crop
         self.epoch, self.start_batch = 0, 0
 
     def set_position(self, epoch: int, start_batch: int) -> None:
@@ -134,6 +134,7 @@ class TarShardStream(torch.utils.data.IterableDataset):
                     continue  # skipped without decoding the image
                 item = decode_tar_sample(sample, shard)
                 rng = sample_rng(self.seed, self.epoch, f"{Path(shard).name}/{sample['__key__']}")
-                out = preprocess(item["image"], self.resolution, rng, self.center_crop, self.random_flip)
+                out = preprocess(item["image"], self.resolution, rng, self.center_crop, self.random_flip,
+                                 min_crop=self.min_crop)
                 out["caption"] = (self.prompt_prefix or "") + item["caption"]
                 yield out
