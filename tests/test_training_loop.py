@@ -166,8 +166,14 @@ def test_clear_errors_for_unavailable_options(setup, tmp_path):
         main(finetune_args(pipe, images, tmp_path / "b", 2, "--fused_optimizer_step", "--max_grad_norm", "1"))
     with pytest.raises(ValueError, match="--default_guidance_scale set the saved pipeline's generation_config"):
         main(finetune_args(pipe, images, tmp_path / "d", 2, "--use_lora", "--default_guidance_scale", "3"))
-    with pytest.raises(ValueError, match="--random_resized_crop .* in \\(0, 1\\]; got 0.0"):
+    with pytest.raises(ValueError, match="--random_resized_crop .* in \\[0.05, 1\\]; got 0.0"):
         main(finetune_args(pipe, images, tmp_path / "e", 2, "--random_resized_crop", "0"))
+    with pytest.raises(ValueError, match="--random_resized_crop .* in \\[0.05, 1\\]; got 1.5"):
+        main(["train-vqgan", "--train_data_dir", str(images), "--resolution", "16", "--random_resized_crop", "1.5",
+              "--max_train_steps", "1", "--output_dir", str(tmp_path / "v")])
+    with pytest.raises(ValueError, match="--random_resized_crop cannot change --preencoded_data_dir"):
+        main(["finetune", "--pretrained_model_name_or_path", str(pipe), "--preencoded_data_dir", str(tmp_path / "enc"),
+              "--random_resized_crop", "0.5", "--max_train_steps", "1", "--output_dir", str(tmp_path / "f")])
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:

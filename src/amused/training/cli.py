@@ -59,8 +59,8 @@ def _data(p: argparse.ArgumentParser, preencoded: bool = True, resolution: int =
     g.add_argument("--random_flip", action="store_true", help="flip horizontally with probability 0.5")
     g.add_argument("--random_resized_crop", type=float, default=1.0, metavar="MIN",
                    help="zoom in at random before the crop: its side is a uniform fraction in [MIN, 1] of the "
-                        "image's shorter side (default 1: off); for training on one or a few images, e.g. 0.4 for "
-                        "a single-image style")
+                        "image's shorter side (MIN in [0.05, 1]; default 1: off); for training on one or a few "
+                        "images, e.g. 0.4 for a single-image style")
     g.add_argument("--prompt_prefix", help="text put before every caption")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 

@@ -418,12 +418,20 @@ def make_dataset(args, rank: int = 0, world: int = 1, dataset=None):
                                              ("dataset", dataset)] if value is not None}
     if len(given) != 1:
         raise ValueError(f"give exactly one data source, got {sorted(given) or 'none'}")
+    min_crop = get("random_resized_crop")
+    min_crop = 1.0 if min_crop is None else min_crop
+    if not 0.05 <= min_crop <= 1:  # below 0.05 a crop would be zoomed over 20x (and the image resized as much)
+        raise ValueError(f"--random_resized_crop takes the smallest crop side as a fraction of the image's shorter "
+                         f"side, in [0.05, 1]; got {min_crop}")
+    if min_crop < 1 and get("preencoded_data_dir"):
+        raise ValueError("--random_resized_crop cannot change --preencoded_data_dir tokens (their crops were fixed "
+                         "at encoding time)")
     if get("preencoded_data_dir"):
         return PreencodedDataset(args.preencoded_data_dir)
     caption_column = get("prompt_key") or get("caption_column") or "text"
     common = dict(resolution=args.resolution, center_crop=bool(get("center_crop")),
                   random_flip=bool(get("random_flip")), seed=get("seed") or 0, prompt_prefix=get("prompt_prefix"),
-                  min_crop=get("random_resized_crop") or 1.0)
+                  min_crop=min_crop)
     if get("train_shards"):
         from .shards import TarShardStream, expand_shards
 

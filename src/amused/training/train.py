@@ -148,13 +148,6 @@ def check_args(args, accelerator) -> None:
         raise ValueError("--weights_dtype bf16 trains in bf16 already; drop --mixed_precision fp16")
     if args.use_ema and fsdp:
         raise ValueError("--use_ema is not supported with FSDP (the averaged weights would be sharded)")
-    min_crop = getattr(args, "random_resized_crop", 1.0)
-    if not 0 < min_crop <= 1:
-        raise ValueError(f"--random_resized_crop takes the smallest crop side as a fraction of the image's shorter "
-                         f"side, in (0, 1]; got {min_crop}")
-    if min_crop < 1 and getattr(args, "preencoded_data_dir", None):
-        raise ValueError("--random_resized_crop cannot change --preencoded_data_dir tokens (their crops were fixed "
-                         "at encoding time)")
     for flag in ("text_encoder_use_lora", "train_text_encoder"):
         if args.preencoded_data_dir and getattr(args, flag):
             raise ValueError(f"--{flag} needs the text encoder in the step; it cannot train on "
