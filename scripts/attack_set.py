@@ -172,16 +172,6 @@ def gz_bomb() -> bytes:
     return buffer.getvalue()
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 class Arsenal:
     """Makes the hostile inputs under `root`; each maker returns the path and does nothing if it exists."""
 
@@ -517,7 +507,7 @@ def training_bomb_cases(a: Arsenal) -> list[Case]:
         cases.append(py(f"image folder with a {fmt} bomb", BOMBS, "clean",
                         lambda f=folder: data.ImageFolder(f, instance_prompt="x")[0], ("bomb.",), max_mib=64,
                         quick=fmt == "png"))
-        tar = a.file(f"train/bomb_{fmt}.tar", tar_bytes([(f"0000.{fmt}", raw), ("0000.txt", b"a bomb")]))
+        tar = a.file(f"train/bomb_{fmt}.tar", shards.tar_bytes([(f"0000.{fmt}", raw), ("0000.txt", b"a bomb")]))
         cases.append(py(f"tar shard with a {fmt} bomb", BOMBS, "clean",
                         lambda t=tar: next(iter(shards.TarShardStream([str(t)], resolution=8, batch_size=1))),
                         ("sample 0000",), max_mib=64))
@@ -1098,7 +1088,7 @@ def training_cases(a: Arsenal) -> list[Case]:
     png = good.read_bytes()
 
     def declared_8gib() -> bytes:
-        raw = bytearray(tar_bytes([("0000.png", png), ("0000.txt", b"x" * 600)]))
+        raw = bytearray(shards.tar_bytes([("0000.png", png), ("0000.txt", b"x" * 600)]))
         info = tarfile.TarInfo("0000.txt")
         info.size = 8 << 30
         header = info.tobuf(format=tarfile.GNU_FORMAT)
@@ -1109,15 +1099,15 @@ def training_cases(a: Arsenal) -> list[Case]:
     shard_inputs = [  # label, file name, content; the refusal names the shard, or the sample in it
         ("not a tar", "not-a-tar.tar", b"hello world\n" * 200),
         ("a tar cut short", "cut-short.tar",
-         lambda: tar_bytes([("0000.png", png), ("0000.txt", b"x" * 5000)])[:2000]),  # inside the caption
+         lambda: shards.tar_bytes([("0000.png", png), ("0000.txt", b"x" * 5000)])[:2000]),  # inside the caption
         ("gzip garbage named .tar.gz", "gzip-garbage.tar.gz", b"\x1f\x8b\x08\x00" + bytes(range(200))),
         ("a gzip bomb: 512 MiB caption in 0.5 MiB", "gz-bomb.tar.gz", gz_bomb),
         ("a member declaring 8 GiB", "declares-8gib.tar", declared_8gib),
-        ("caption JSON not JSON", "bad-json.tar", lambda: tar_bytes([("0000.png", png), ("0000.json", b"{oops")])),
-        ("caption not UTF-8", "bad-utf8.tar", lambda: tar_bytes([("0000.png", png), ("0000.txt", b"\xff\xfe\xfa")])),
-        ("a sample without an image", "no-image.tar", lambda: tar_bytes([("0000.txt", b"caption")])),
+        ("caption JSON not JSON", "bad-json.tar", lambda: shards.tar_bytes([("0000.png", png), ("0000.json", b"{oops")])),
+        ("caption not UTF-8", "bad-utf8.tar", lambda: shards.tar_bytes([("0000.png", png), ("0000.txt", b"\xff\xfe\xfa")])),
+        ("a sample without an image", "no-image.tar", lambda: shards.tar_bytes([("0000.txt", b"caption")])),
         ("a TIFF member", "tiff-member.tar",
-         lambda: tar_bytes([("0000.png", encode(PIL.Image.new("RGB", (8, 8)), "TIFF")), ("0000.txt", b"x")])),
+         lambda: shards.tar_bytes([("0000.png", encode(PIL.Image.new("RGB", (8, 8)), "TIFF")), ("0000.txt", b"x")])),
     ]
     for i, (label, name, raw) in enumerate(shard_inputs):
         path = a.root / "train" / f"shard_{name}"
@@ -1126,7 +1116,7 @@ def training_cases(a: Arsenal) -> list[Case]:
             make()
         cases.append(py(f"tar shard: {label}", TRAIN, "clean", lambda p=path: stream(p), (name,), max_mib=96,
                         max_s=20, quick=i in (0, 3), prepare=make))
-    traversal = a.file("train/shard_traversal.tar", lambda: tar_bytes([("../../../etc/evil.png", png),
+    traversal = a.file("train/shard_traversal.tar", lambda: shards.tar_bytes([("../../../etc/evil.png", png),
                                                                          ("../../../etc/evil.txt", b"x")]))
     cases.append(py("tar shard: member names with ../ (nothing is extracted)", TRAIN, "works",
                     lambda: stream(traversal)["pixels"], check=lambda t: ensure(tuple(t.shape) == (3, 8, 8),

@@ -12,8 +12,7 @@ import torch
 
 from amused.training.data import (EpochSampler, ImageFolder, PreencodedDataset, Records, TrainDataset, make_dataset,
                                   preprocess)
-from amused.training.shards import TarShardStream, expand_shards
-from tiny import tar_bytes
+from amused.training.shards import TarShardStream, expand_shards, tar_bytes
 from train_tiny import make_image_folder, make_pipeline, one_torch_thread  # noqa: F401
 
 

@@ -28,7 +28,8 @@ from amused.loading import CheckpointError, atomic_write, clean_stale_temps, con
 from amused.models.uvit import UViTConfig
 from amused.models.vqgan import VQGANConfig
 from amused.training import data
-from tiny import UVIT_KWARGS, VQ_KWARGS, tar_bytes
+from amused.training.shards import tar_bytes
+from tiny import UVIT_KWARGS, VQ_KWARGS
 
 
 def png_bytes(image: PIL.Image.Image, **save) -> bytes:

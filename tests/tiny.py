@@ -6,8 +6,6 @@ in milliseconds. The CLIP tokenizer is a character-level BPE vocabulary written 
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import torch
@@ -70,13 +68,3 @@ def load_reference(folder: Path, cls_name: str = "AmusedPipeline"):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """An uncompressed tar holding `members` (name, bytes) in order: a webdataset shard's layout."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()

@@ -16,7 +16,8 @@ import PIL.Image
 import pytest
 import torch
 
-from tiny import CODEBOOK, MASK_ID, UVIT_KWARGS, VQ_KWARGS, tar_bytes, tiny_text_encoder, write_clip_tokenizer
+from amused.training.shards import tar_bytes
+from tiny import CODEBOOK, MASK_ID, UVIT_KWARGS, VQ_KWARGS, tiny_text_encoder, write_clip_tokenizer
 
 # A slightly wider U-ViT than tests/tiny.py's (hidden 8 cannot memorise anything in a few steps).
 TRAIN_UVIT = dict(UVIT_KWARGS, hidden_size=32, in_channels=32, block_out_channels=32, intermediate_size=64,

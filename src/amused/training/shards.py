@@ -4,12 +4,13 @@ A shard is a plain tar in which the files of one sample share a key (the path up
 `000123.jpg` + `000123.txt` (or `.caption`, or `.json` with a "text" field). Reading them with `tarfile`
 needs no extra dependency, and the position in the stream is ours, so a resumed run skips exactly the samples
 it has seen (without decoding their images). Shards are shuffled per epoch (seeded), split across ranks, then
-across DataLoader workers.
+across DataLoader workers. `tar_bytes` writes one (the tests and the attack set build theirs with it).
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import lzma
 import random
@@ -23,6 +24,17 @@ import torch
 
 from ..images import load_image
 from .data import preprocess, sample_rng
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar holding `members` (name, bytes) in order: a shard, when the names share keys as above."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def expand_shards(spec: str) -> list[str]:
