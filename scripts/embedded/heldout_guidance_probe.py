@@ -1,14 +1,20 @@
-"""Can sampling alone compose a known emoji with a style it was never drawn in? Held-out (emoji, style) pairs
-drawn with the guidance split in two directions, the emoji's and the style's:
+"""Can sampling compose a known emoji with a style it was never drawn in? Captions drawn with the guidance split
+into three directions, the full caption's, the emoji name's and the style's:
 
-    logits = uncond + g_name * (c_name - uncond) + g_style * (c_full - c_name)
+    logits = uncond + w_full * (c_full - uncond) + w_name * (c_name - uncond) + w_style * (c_style - uncond)
 
-where c_full is the caption ("princess, google style"), c_name the caption without its style ("princess") and
-uncond the empty prompt (three U-ViT passes a step). g_name = g_style = g is ordinary guidance g. Retrieval as
-`amused eval` scores the held-out pairs (seed 0, batches of 32, the model's steps and temperature; emoji and style
-top-1). A probe for docs/embedded_model.md, not a face: it swaps the pipeline's logits function.
+where c_full is the caption ("princess, google style"), c_name the caption without its style ("princess"),
+c_style the style alone ("google style") and uncond the empty prompt (four U-ViT passes a step). w_full = g with
+the others 0 is ordinary guidance g; w_name and w_style alone are the composition of Liu et al., "Compositional
+Visual Generation with Composable Diffusion Models" (2022), which needs a model trained on style-only captions
+(`add_styleless_captions.py --style-only`). Session 11's split guidance `uncond + g_name (c_name - uncond) + g_style
+(c_full - c_name)` is w_full = g_style, w_name = g_name - g_style.
 
-    python scripts/embedded/heldout_guidance_probe.py --data data/emoji --settings 1.5,1.5 2,1.5 3,1.5 \
+Scored as `amused eval` scores them (seed 0, batches of 32, the model's steps and temperature, top-1 retrieval of the
+emoji and the style): the held-out pairs and the same 200 training captions as the eval (`--num-train`). A probe for
+docs/embedded_model.md, not a face: it swaps the pipeline's logits function.
+
+    python scripts/embedded/heldout_guidance_probe.py --data data/emoji --settings 1.5,0,0 0,1.5,1.5 \
         --out docs/results/heldout_guidance_probe.json
 """
 
@@ -24,60 +30,86 @@ from amused import AmusedPipeline
 from amused import evaluate as ev
 from amused.embedded import embedded_model_path
 from amused.loading import atomic_write
-from amused.runtime import native_cpu_bf16
+from amused.runtime import make_generator, pick_dtype, pick_device
+
+TERMS = ("full", "name", "style")
 
 
-def split_guidance(pipe, weights: dict):
-    """A `pipe.logits_fn` replacement for calls made with prompt=captions, negative_prompt=their names: the
-    negative half of the guided batch is c_name; the empty prompt is added as a third pass."""
+def split_caption(caption: str) -> tuple[str, str]:
+    """"waving hand, medium skin tone, twitter style" -> ("waving hand, medium skin tone", "twitter style")."""
+    name, _, style = caption.rpartition(", ")
+    return (name, style) if style.endswith(" style") else (caption, "")
+
+
+def composed_guidance(pipe, weights: dict, parts: dict):
+    """A `pipe.logits_fn` replacement for guided calls (guidance_scale > 1) made with prompt=captions: the empty
+    negative half is uncond; `parts["name"]` and `parts["style"]`, set before each call, are encoded as two more
+    passes."""
     def logits_fn(embeds, micro_conds, guidance_scale, model=None, grid=None):
         model = pipe.transformer
         n = embeds.hidden.shape[0] // 2
-        u_hidden, u_pooled = pipe._encode_negative([""] * n)
-        ctx = model.condition(torch.cat([u_hidden, embeds.hidden]), torch.cat([u_pooled, embeds.pooled]),
-                              torch.cat([micro_conds[:n], micro_conds]), grid=grid)
+        (n_hidden, n_pooled), (s_hidden, s_pooled) = (pipe._encode(parts[k]) for k in ("name", "style"))
+        hidden = torch.cat([embeds.hidden, n_hidden, s_hidden])  # uncond, c_full, c_name, c_style
+        pooled = torch.cat([embeds.pooled, n_pooled, s_pooled])
+        ctx = model.condition(hidden, pooled, torch.cat([micro_conds[:n]] * 4), grid=grid)
 
         def logits(tokens, timestep):
-            uncond, c_name, c_full = model.forward_tokens(torch.cat([tokens] * 3), ctx, timestep).chunk(3)
-            return uncond + weights["name"] * (c_name - uncond) + weights["style"] * (c_full - c_name)
+            uncond, *conds = model.forward_tokens(torch.cat([tokens] * 4), ctx, timestep).chunk(4)
+            out = uncond
+            for term, cond in zip(TERMS, conds):
+                if weights[term]:
+                    out = out + weights[term] * (cond - uncond)
+            return out
         return logits
     return logits_fn
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     ap.add_argument("--data", default="data/emoji")
-    ap.add_argument("--settings", nargs="+", required=True, help="G_NAME,G_STYLE pairs")
+    ap.add_argument("--settings", nargs="+", required=True, help="W_FULL,W_NAME,W_STYLE triples")
+    ap.add_argument("--num-train", type=int, default=200, help="training captions, sampled as `amused eval` does")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N captions of each set (a dry run)")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    dtype = torch.bfloat16 if native_cpu_bf16() else torch.float32  # what `--dtype auto` picks on this CPU
-    pipe = AmusedPipeline.from_pretrained(embedded_model_path(), torch_dtype=dtype)
+    device = pick_device(args.device)
+    dtype = pick_dtype("auto", device)  # what `amused eval` uses here
+    pipe = AmusedPipeline.from_pretrained(args.model or embedded_model_path(), torch_dtype=dtype).to(device)
     rows = ev.load_rows(args.data)
     db = ev.features(ev.load_images(args.data, rows))
-    held = [r for r in rows if r["split"] == "heldout"]
-    captions = [r["text"] for r in held]
-    names = [t.rsplit(", ", 1)[0] for t in captions]  # the caption without ", STYLE style"
-    weights = {}
-    pipe.logits_fn = split_guidance(pipe, weights)
-    results = {"what": __doc__.split("\n\n")[0], "n": len(held), "dtype": str(dtype).removeprefix("torch."),
-               "settings": {}}
-    print(f"{'g_name':>7}{'g_style':>8}{'emoji':>8}{'style':>8}")
+    train = [r for r in rows if r["split"] == "train"]
+    sets = {"heldout": [r for r in rows if r["split"] == "heldout"],
+            "train": [train[k] for k in ev.sample_rows(train, args.num_train, 0)]}
+    sets = {k: v[:args.limit] for k, v in sets.items()}
+    weights, parts = {}, {}
+    pipe.logits_fn = composed_guidance(pipe, weights, parts)
+    results = {"what": __doc__.split("\n\n")[0], "model": args.model or "embedded", "device": device.type,
+               "dtype": str(dtype).removeprefix("torch."), "n": {k: len(v) for k, v in sets.items()}, "settings": {}}
+    print(f"{'w_full':>7}{'w_name':>7}{'w_style':>8} | held-out emoji  style | train emoji  style", flush=True)
     for setting in args.settings:
-        weights["name"], weights["style"] = map(float, setting.split(","))
-        started, generator, images = time.perf_counter(), torch.Generator().manual_seed(0), []
-        for i in range(0, len(captions), args.batch_size):
-            out = pipe(captions[i:i + args.batch_size], negative_prompt=names[i:i + args.batch_size],
-                       guidance_scale=2.0, generator=generator, output_type="np").images  # > 1: the guided batch
-            images.append(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2).float())
-        scores = ev.retrieval_scores(ev.nearest(ev.features(torch.cat(images)), db), held, rows)
-        results["settings"][setting] = {"g_name": weights["name"], "g_style": weights["style"],
-                                        "emoji_accuracy": scores["emoji_accuracy"],
-                                        "style_accuracy": scores["style_accuracy"],
-                                        "seconds": round(time.perf_counter() - started, 1)}
-        print(f"{weights['name']:>7}{weights['style']:>8}{scores['emoji_accuracy']:>8.1%}{scores['style_accuracy']:>8.1%}",
-              flush=True)
-    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
+        values = [float(v) for v in setting.split(",")]
+        if len(values) != 3 or not any(values):
+            ap.error(f"--settings: {setting!r} is not three weights W_FULL,W_NAME,W_STYLE, not all 0")
+        weights.update(zip(TERMS, values))
+        entry = dict(weights)
+        for name, chosen in sets.items():
+            started, generator, images = time.perf_counter(), make_generator(device, 0), []
+            for i in range(0, len(chosen), args.batch_size):
+                batch = [r["text"] for r in chosen[i:i + args.batch_size]]
+                parts["name"], parts["style"] = (list(p) for p in zip(*map(split_caption, batch)))
+                out = pipe(batch, guidance_scale=2.0, generator=generator, output_type="np").images  # > 1: guided
+                images.append(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2).float())
+            scores = ev.retrieval_scores(ev.nearest(ev.features(torch.cat(images)), db), chosen, rows)
+            entry[name] = {"emoji_accuracy": scores["emoji_accuracy"], "style_accuracy": scores["style_accuracy"],
+                           "seconds": round(time.perf_counter() - started, 1)}
+        results["settings"][setting] = entry
+        print(f"{values[0]:>7}{values[1]:>7}{values[2]:>8} | {entry['heldout']['emoji_accuracy']:>13.1%}"
+              f"{entry['heldout']['style_accuracy']:>7.1%} | {entry['train']['emoji_accuracy']:>10.1%}"
+              f"{entry['train']['style_accuracy']:>7.1%}", flush=True)
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
 
 
 if __name__ == "__main__":
