@@ -20,7 +20,8 @@ UVIT_SECONDS=${UVIT_SECONDS:-900}; BATCH=${BATCH:-1024}; TIMING_STEPS=${TIMING_S
 RUNS=${RUNS:-"cont l10"}
 FT_LR=${FT_LR:-5e-4}; FT_WARMUP=${FT_WARMUP:-200}  # cont / gN: finetune learning rate and warm-up
 # STYLEONLY=1: every training image also captioned with its style alone ("google style"; session 12);
-# PROBE="W_FULL,W_NAME,W_STYLE ...": heldout_guidance_probe.py on the shipped model and on each run, after its eval.
+# PROBE="W_FULL,W_NAME,W_STYLE ...": heldout_guidance_probe.py on the shipped model (unless PROBE_SHIPPED=0) and
+# on each run, after its eval. Wait between calls with device_wait.sh (it returns $OUT's files on every call).
 # For a dry run on the CPU: EVAL_DEVICE=cpu COMPILE= MP=no LIMIT=200 (training rows kept) EVAL_ARGS="--num-names 8"
 EVAL_DEVICE=${EVAL_DEVICE:-cuda}; EVAL_STEPS=${EVAL_STEPS:-"12 8"}; COMPILE=${COMPILE---compile}; MP=${MP:-bf16}; EVAL_ARGS=${EVAL_ARGS:-}
 AM="python3 -m amused.cli"
@@ -77,7 +78,7 @@ pack() {  # everything small in one file, replaced atomically
 }
 
 echo "== timing runs side by side, shipped model evaluated meanwhile $(date +%T)"
-( for n in $EVAL_STEPS; do evaluate shipped "$W/pipe" "$n"; done; probe shipped "$W/pipe" ) &
+( for n in $EVAL_STEPS; do evaluate shipped "$W/pipe" "$n"; done; [ "${PROBE_SHIPPED:-1}" = 0 ] || probe shipped "$W/pipe" ) &
 TIMERS=()
 for r in $RUNS; do
   ( train "$r" "$W/t_$r" "$TIMING_STEPS" "$((TIMING_STEPS / 2))" > "$W/res/t_$r.log" 2>&1 || echo "timing $r failed" ) &

@@ -1,7 +1,7 @@
 """Split .stage/ (pack_inputs.py) over several device calls: each call carries at most 64 MiB, and the
-repository's tracked files alone take ~38 MiB, so the ~63 MiB stage needs three calls.
+repository's tracked files alone take ~41 MiB (session 12), so the ~54 MiB stage needs five calls:
 
-    python scripts/embedded/split_stage.py [--vq FOLDER] [--first 11] [--size 22]
+    python scripts/embedded/split_stage.py [--vq FOLDER] [--first 9] [--size 11.4]
 
 .stage/ (with a VQGAN given by --vq copied in as .stage/vqvae/, for a U-ViT trained on another VQGAN's tokens:
 retrain_uvit.sh's VQ=.stage/vqvae) is packed as one xz-compressed tar and cut into byte chunks:
@@ -24,8 +24,8 @@ MIB = 2**20
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vq", help="a VQGAN folder to stage as .stage/vqvae")
-    ap.add_argument("--first", type=float, default=11, help="MiB in .stage_a (default 11)")
-    ap.add_argument("--size", type=float, default=22, help="MiB in each later chunk (default 22)")
+    ap.add_argument("--first", type=float, default=9, help="MiB in .stage_a (default 9)")
+    ap.add_argument("--size", type=float, default=11.4, help="MiB in each later chunk (default 11.4)")
     args = ap.parse_args()
     src = Path(".stage")
     if args.vq:
