@@ -4,7 +4,7 @@ into three directions, the full caption's, the emoji name's and the style's:
     logits = uncond + w_full * (c_full - uncond) + w_name * (c_name - uncond) + w_style * (c_style - uncond)
 
 where c_full is the caption ("princess, google style"), c_name the caption without its style ("princess"),
-c_style the style alone ("google style") and uncond the empty prompt (four U-ViT passes a step). w_full = g with
+c_style the style alone ("google style") and uncond the empty prompt (up to four U-ViT passes a step). w_full = g with
 the others 0 is ordinary guidance g; w_name and w_style alone are the composition of Liu et al., "Compositional
 Visual Generation with Composable Diffusion Models" (2022), which needs a model trained on style-only captions
 (`add_styleless_captions.py --style-only`). Session 11's split guidance `uncond + g_name (c_name - uncond) + g_style
@@ -43,22 +43,24 @@ def split_caption(caption: str) -> tuple[str, str]:
 
 def composed_guidance(pipe, weights: dict, parts: dict):
     """A `pipe.logits_fn` replacement for guided calls (guidance_scale > 1) made with prompt=captions: the empty
-    negative half is uncond; `parts["name"]` and `parts["style"]`, set before each call, are encoded as two more
-    passes."""
+    negative half is uncond; `parts["name"]` and `parts["style"]`, set before each call, are encoded as more passes.
+    Only the terms with a weight are computed (2 to 4 U-ViT passes a step)."""
     def logits_fn(embeds, micro_conds, guidance_scale, model=None, grid=None):
         model = pipe.transformer
         n = embeds.hidden.shape[0] // 2
-        (n_hidden, n_pooled), (s_hidden, s_pooled) = (pipe._encode(parts[k]) for k in ("name", "style"))
-        hidden = torch.cat([embeds.hidden, n_hidden, s_hidden])  # uncond, c_full, c_name, c_style
-        pooled = torch.cat([embeds.pooled, n_pooled, s_pooled])
-        ctx = model.condition(hidden, pooled, torch.cat([micro_conds[:n]] * 4), grid=grid)
+        terms = [t for t in TERMS if weights[t]]
+        encoded = {"full": (embeds.hidden[n:], embeds.pooled[n:])}
+        encoded.update({t: pipe._encode(parts[t]) for t in terms if t != "full"})
+        hidden = torch.cat([embeds.hidden[:n]] + [encoded[t][0] for t in terms])  # uncond, then each term
+        pooled = torch.cat([embeds.pooled[:n]] + [encoded[t][1] for t in terms])
+        k = 1 + len(terms)
+        ctx = model.condition(hidden, pooled, torch.cat([micro_conds[:n]] * k), grid=grid)
 
         def logits(tokens, timestep):
-            uncond, *conds = model.forward_tokens(torch.cat([tokens] * 4), ctx, timestep).chunk(4)
+            uncond, *conds = model.forward_tokens(torch.cat([tokens] * k), ctx, timestep).chunk(k)
             out = uncond
-            for term, cond in zip(TERMS, conds):
-                if weights[term]:
-                    out = out + weights[term] * (cond - uncond)
+            for term, cond in zip(terms, conds):
+                out = out + weights[term] * (cond - uncond)
             return out
         return logits
     return logits_fn
