@@ -15,7 +15,7 @@ emoji and the style): the held-out pairs and the same 200 training captions as t
 docs/embedded_model.md, not a face: it swaps the pipeline's logits function.
 
     python scripts/embedded/heldout_guidance_probe.py --data data/emoji --settings 1.5,0,0 0,1.5,1.5 \
-        --out docs/results/heldout_guidance_probe.json
+        --out docs/results/heldout_composed_probe.json
 """
 
 import argparse
