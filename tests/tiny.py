@@ -67,4 +67,3 @@ def load_reference(folder: Path, cls_name: str = "AmusedPipeline"):
     pipe = getattr(diffusers, cls_name).from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
