@@ -77,18 +77,24 @@ pack() {  # everything small in one file, replaced atomically
   tar czf "$OUT/.results.tgz.$BASHPID" -C "$W" res && mv "$OUT/.results.tgz.$BASHPID" "$OUT/results.tgz"
 }
 
-echo "== timing runs side by side, shipped model evaluated meanwhile $(date +%T)"
-( for n in $EVAL_STEPS; do evaluate shipped "$W/pipe" "$n"; done; [ "${PROBE_SHIPPED:-1}" = 0 ] || probe shipped "$W/pipe" ) &
-TIMERS=()
-for r in $RUNS; do
-  ( train "$r" "$W/t_$r" "$TIMING_STEPS" "$((TIMING_STEPS / 2))" > "$W/res/t_$r.log" 2>&1 || echo "timing $r failed" ) &
-  TIMERS+=($!)
-done
-wait "${TIMERS[@]}"
+# STEPS=N: every run trains N steps; no timing runs and no eval of the shipped model (already measured), for a
+# short device hold (session 13).
+if [ -z "${STEPS-}" ]; then
+  echo "== timing runs side by side, shipped model evaluated meanwhile $(date +%T)"
+  ( for n in $EVAL_STEPS; do evaluate shipped "$W/pipe" "$n"; done; [ "${PROBE_SHIPPED:-1}" = 0 ] || probe shipped "$W/pipe" ) &
+  TIMERS=()
+  for r in $RUNS; do
+    ( train "$r" "$W/t_$r" "$TIMING_STEPS" "$((TIMING_STEPS / 2))" > "$W/res/t_$r.log" 2>&1 || echo "timing $r failed" ) &
+    TIMERS+=($!)
+  done
+  wait "${TIMERS[@]}"
+fi
 one_run() {
-  local r=$1 ips steps
-  ips=$(rate "$W/t_$r")
-  steps=$(python3 -c "print(max(int($UVIT_SECONDS * $ips / $BATCH) // 100 * 100, $TIMING_STEPS))")
+  local r=$1 ips=null steps=${STEPS-}
+  if [ -z "$steps" ]; then
+    ips=$(rate "$W/t_$r")
+    steps=$(python3 -c "print(max(int($UVIT_SECONDS * $ips / $BATCH) // 100 * 100, $TIMING_STEPS))")
+  fi
   echo "== $r: $ips images/s side by side -> $steps steps $(date +%T)"
   echo "{\"run\": \"$r\", \"timing_images_per_s\": $ips, \"steps\": $steps, \"batch\": $BATCH}" > "$W/res/$r.run.json"
   train "$r" "$W/$r" "$steps" 100 > "$W/res/$r.log" 2>&1 || { tail -30 "$W/res/$r.log"; return 1; }
