@@ -79,7 +79,12 @@ def test_retrieval_finds_the_same_emoji_in_another_near_identical_style():
     scores = ev.retrieval_scores(ev.nearest(db, db, same), rows, rows, same)
     assert scores["emoji_accuracy"] == 1.0  # its twin in the other style is nearest
     assert scores["style_accuracy"] == 0.0
+    assert scores["both_accuracy"] == 0.0  # the right emoji, in the wrong style: not both
     assert scores["chance"] == pytest.approx(1 / 39)
+    # without excluding itself each query finds itself: emoji and style both right
+    assert ev.retrieval_scores(ev.nearest(db, db), rows, rows)["both_accuracy"] == 1.0
+    half = [dict(r, style="google") for r in rows]  # half the queries name the other style than found
+    assert ev.retrieval_scores(ev.nearest(db, db), half, rows)["both_accuracy"] == 0.5
 
 
 def test_retrieval_of_noise_is_near_chance():

@@ -64,6 +64,29 @@ def test_graph_program_equals_plain_path_with_same_noise(ref_dir):
     torch.testing.assert_close(images, expected_images, rtol=1e-5, atol=1e-5)
 
 
+def test_graph_program_takes_composed_guidance_weights_as_an_input(ref_dir):
+    """Composed guidance (amused.guidance): the (K, B) weights are a graph buffer, so one capture serves every
+    weight; the program equals the plain path on them."""
+    from amused.guidance import ComposedGuidance
+
+    plain = AmusedPipeline.from_pretrained(ref_dir)
+    fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=False, vq_dtype=torch.float32)
+    spec = ComposedGuidance.from_config({"weights": {"prompt": 0.5, "subject": 0.5, "style": 1.0}})
+    with torch.inference_mode():
+        embeds = plain.encode_prompt(["a cat, ink style", "a dog"], None, 1, True, composed=spec)
+        assert embeds.weights.shape == (3, 2)
+        micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(8, -1)
+        start = torch.full((2, 8, 8), 23)
+        weights = embeds.weights * 10.0
+        expected = sampling.decode(plain.logits_fn(embeds, micro, weights), start, num_steps=6, mask_token_id=23,
+                                   draw="gumbel", generator=seeded(5))
+        fast.generator = seeded(5)
+        bufs = {"tokens": start.clone(), "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro,
+                "weights": weights}
+        tokens, _, _ = fast._program(bufs, None, 0, 6, "cosine", (2, 0))
+    assert torch.equal(tokens, expected)
+
+
 @pytest.mark.parametrize("task", ["img2img", "inpaint", "unguided"])
 def test_graph_program_equals_plain_path_for_image_tasks(ref_dir, task):
     """The same for a run that enters the schedule part-way over a partly known grid (img2img: `total` is the

@@ -55,6 +55,21 @@ def test_text_to_image_fast_equals_plain(published, batch):
     assert torch.equal(fast, plain)
 
 
+def test_composed_guidance_fast_equals_plain(published):
+    """Composed guidance (a checkpoint's generation_config.json) on the graph path: its weights are a graph input,
+    so a styled batch, a plain one and a mixed one all equal the plain loop."""
+    from amused.guidance import ComposedGuidance
+
+    published.composed_guidance = ComposedGuidance.from_config({"weights": {"prompt": 0.5, "subject": 0.5,
+                                                                            "style": 1.0}})
+    try:
+        for prompts in (["a red apple, ink style", "a cat, oil style"], ["a red apple, ink style", "a cat"]):
+            fast, plain = _both(published, lambda p: p(prompts, generator=_gen(3), output_type="latent").images)
+            assert torch.equal(fast, plain)
+    finally:
+        published.composed_guidance = None
+
+
 def test_repeated_calls_with_one_generator_move_on_alike(published):
     """A generator reused across calls gives new images each call, the same ones on both paths, and ends in the
     same state."""

@@ -4,7 +4,8 @@ into three directions, the full caption's, the emoji name's and the style's:
     logits = uncond + w_full * (c_full - uncond) + w_name * (c_name - uncond) + w_style * (c_style - uncond)
 
 where c_full is the caption ("princess, google style"), c_name the caption without its style ("princess"),
-c_style the style alone ("google style") and uncond the empty prompt (up to four U-ViT passes a step). w_full = g with
+c_style the style alone ("google style") and uncond the empty prompt (up to four U-ViT passes a step): the pipeline's
+composed guidance (amused.guidance.ComposedGuidance, which a model's generation_config.json can set). w_full = g with
 the others 0 is ordinary guidance g; w_name and w_style alone are the composition of Liu et al., "Compositional
 Visual Generation with Composable Diffusion Models" (2022), which needs a model trained on style-only captions
 (`add_styleless_captions.py --style-only`). Session 11's split guidance `uncond + g_name (c_name - uncond) + g_style
@@ -12,7 +13,7 @@ Visual Generation with Composable Diffusion Models" (2022), which needs a model 
 
 Scored as `amused eval` scores them (seed 0, batches of 32, the model's steps and temperature, top-1 retrieval of the
 emoji and the style): the held-out pairs and the same 200 training captions as the eval (`--num-train`). A probe for
-docs/embedded_model.md, not a face: it swaps the pipeline's logits function.
+docs/embedded_model.md: it sets `pipe.composed_guidance` for each setting.
 
     python scripts/embedded/heldout_guidance_probe.py --data data/emoji --settings 1.5,0,0 0,1.5,1.5 \
         --out docs/results/heldout_composed_probe.json
@@ -29,41 +30,18 @@ import torch
 from amused import AmusedPipeline
 from amused import evaluate as ev
 from amused.embedded import embedded_model_path
+from amused.guidance import ComposedGuidance
 from amused.loading import atomic_write
 from amused.runtime import make_generator, pick_dtype, pick_device
 
-TERMS = ("full", "name", "style")
+TERMS = ("full", "name", "style")  # the probe's names for amused.guidance's "prompt", "subject", "style"
+SCALE = 2.0  # any scale > 1 (guided); the weights are divided by it
 
 
-def split_caption(caption: str) -> tuple[str, str]:
-    """"waving hand, medium skin tone, twitter style" -> ("waving hand, medium skin tone", "twitter style")."""
-    name, _, style = caption.rpartition(", ")
-    return (name, style) if style.endswith(" style") else (caption, "")
-
-
-def composed_guidance(pipe, weights: dict, parts: dict):
-    """A `pipe.logits_fn` replacement for guided calls (guidance_scale > 1) made with prompt=captions: the empty
-    negative half is uncond; `parts["name"]` and `parts["style"]`, set before each call, are encoded as more passes.
-    Only the terms with a weight are computed (2 to 4 U-ViT passes a step)."""
-    def logits_fn(embeds, micro_conds, guidance_scale, model=None, grid=None):
-        model = pipe.transformer
-        n = embeds.hidden.shape[0] // 2
-        terms = [t for t in TERMS if weights[t]]
-        encoded = {"full": (embeds.hidden[n:], embeds.pooled[n:])}
-        encoded.update({t: pipe._encode(parts[t]) for t in terms if t != "full"})
-        hidden = torch.cat([embeds.hidden[:n]] + [encoded[t][0] for t in terms])  # uncond, then each term
-        pooled = torch.cat([embeds.pooled[:n]] + [encoded[t][1] for t in terms])
-        k = 1 + len(terms)
-        ctx = model.condition(hidden, pooled, torch.cat([micro_conds[:n]] * k), grid=grid)
-
-        def logits(tokens, timestep):
-            uncond, *conds = model.forward_tokens(torch.cat([tokens] * k), ctx, timestep).chunk(k)
-            out = uncond
-            for term, cond in zip(terms, conds):
-                out = out + weights[term] * (cond - uncond)
-            return out
-        return logits
-    return logits_fn
+def composed_guidance(values: list[float]) -> ComposedGuidance:
+    """W_FULL,W_NAME,W_STYLE -> the pipeline's composed guidance at guidance_scale SCALE."""
+    return ComposedGuidance.from_config({"weights": {term: v / SCALE for term, v in
+                                                     zip(("prompt", "subject", "style"), values)}})
 
 
 def main() -> None:
@@ -86,30 +64,28 @@ def main() -> None:
     sets = {"heldout": [r for r in rows if r["split"] == "heldout"],
             "train": [train[k] for k in ev.sample_rows(train, args.num_train, 0)]}
     sets = {k: v[:args.limit] for k, v in sets.items()}
-    weights, parts = {}, {}
-    pipe.logits_fn = composed_guidance(pipe, weights, parts)
     results = {"what": __doc__.split("\n\n")[0], "model": args.model or "embedded", "device": device.type,
                "dtype": str(dtype).removeprefix("torch."), "n": {k: len(v) for k, v in sets.items()}, "settings": {}}
-    print(f"{'w_full':>7}{'w_name':>7}{'w_style':>8} | held-out emoji  style | train emoji  style", flush=True)
+    print(f"{'w_full':>7}{'w_name':>7}{'w_style':>8} | held-out emoji  style   both | train emoji  style", flush=True)
     for setting in args.settings:
         values = [float(v) for v in setting.split(",")]
         if len(values) != 3 or not any(values):
             ap.error(f"--settings: {setting!r} is not three weights W_FULL,W_NAME,W_STYLE, not all 0")
-        weights.update(zip(TERMS, values))
-        entry = dict(weights)
+        pipe.composed_guidance = composed_guidance(values)  # every caption here has a style part
+        entry = dict(zip(TERMS, values))
         for name, chosen in sets.items():
             started, generator, images = time.perf_counter(), make_generator(device, 0), []
             for i in range(0, len(chosen), args.batch_size):
                 batch = [r["text"] for r in chosen[i:i + args.batch_size]]
-                parts["name"], parts["style"] = (list(p) for p in zip(*map(split_caption, batch)))
-                out = pipe(batch, guidance_scale=2.0, generator=generator, output_type="np").images  # > 1: guided
+                out = pipe(batch, guidance_scale=SCALE, generator=generator, output_type="np").images
                 images.append(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2).float())
             scores = ev.retrieval_scores(ev.nearest(ev.features(torch.cat(images)), db), chosen, rows)
-            entry[name] = {"emoji_accuracy": scores["emoji_accuracy"], "style_accuracy": scores["style_accuracy"],
-                           "seconds": round(time.perf_counter() - started, 1)}
+            entry[name] = {k: scores[k] for k in ("emoji_accuracy", "style_accuracy", "both_accuracy")}
+            entry[name]["seconds"] = round(time.perf_counter() - started, 1)
         results["settings"][setting] = entry
         print(f"{values[0]:>7}{values[1]:>7}{values[2]:>8} | {entry['heldout']['emoji_accuracy']:>13.1%}"
-              f"{entry['heldout']['style_accuracy']:>7.1%} | {entry['train']['emoji_accuracy']:>10.1%}"
+              f"{entry['heldout']['style_accuracy']:>7.1%}{entry['heldout']['both_accuracy']:>7.1%} | "
+              f"{entry['train']['emoji_accuracy']:>11.1%}"
               f"{entry['train']['style_accuracy']:>7.1%}", flush=True)
         atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
 

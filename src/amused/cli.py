@@ -87,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps, guidance, temperature = pipe.resolve_defaults(args.steps, args.guidance_scale, kwargs.get("temperature"))
     sampler = pipe.resolve_sampler(args.sampler)
     settings = {"model": engine.model_name, "steps": steps, "guidance_scale": guidance,
+                "composed_guidance": pipe.composed_guidance and pipe.composed_guidance.to_config(),  # the model's
                 "temperature": list(temperature) if isinstance(temperature, tuple) else temperature,
                 "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
                 "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None, "sampler": sampler,

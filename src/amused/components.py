@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .embedded import resolve_model_name
+from .guidance import ComposedGuidance
 from .loading import (DIFFUSERS_VERSION, CheckpointError, check_finite, load_model, read_json, resolve, save_model,
                       write_json)
 from .models.clip_text import load_clip_text, native_architecture
@@ -254,9 +255,15 @@ MAX_DEFAULT_STEPS = 1000  # a checkpoint's default step count; past it, one imag
 
 def _generation_defaults(data: dict, source: Path) -> dict[str, Any]:
     """generation_config.json, checked as strictly as the command line's flags (a checkpoint is untrusted)."""
-    unknown = sorted(set(data) - set(REFERENCE_DEFAULTS))
+    allowed = {*REFERENCE_DEFAULTS, "composed_guidance"}
+    unknown = sorted(set(data) - allowed)
     if unknown:
-        raise CheckpointError(f"{source}: unknown keys {unknown}; allowed: {sorted(REFERENCE_DEFAULTS)}")
+        raise CheckpointError(f"{source}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    if "composed_guidance" in data:
+        try:
+            ComposedGuidance.from_config(data["composed_guidance"])
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
     if data.get("sampler", "confidence") not in SAMPLERS:
         raise CheckpointError(f"{source}: sampler must be one of {', '.join(SAMPLERS)}, got {data['sampler']!r}")
     steps = data.get("num_inference_steps", 12)

@@ -124,20 +124,22 @@ def name_rows(rows: list[dict], limit: int | None = None) -> list[dict]:
 def retrieval_scores(neighbours: torch.Tensor, query_rows: list[dict], db_rows: list[dict],
                      exclude: torch.Tensor | None = None) -> dict:
     """Top-1 accuracies of a retrieval: emoji (same base name), style (over queries that name one; None when
-    none does), the emoji accuracy on captions without a skin tone, and chance (the emoji accuracy of a
-    uniformly random candidate)."""
+    none does), both at once (the prompted emoji in the prompted style; over the same queries), the emoji accuracy
+    on captions without a skin tone, and chance (the emoji accuracy of a uniformly random candidate)."""
     db_emoji = np.array([r["emoji"] for r in db_rows], dtype=object)
-    hits, style_hits, plain, chance = [], [], [], []
+    hits, style_hits, both_hits, plain, chance = [], [], [], [], []
     for i, (j, row) in enumerate(zip(neighbours.tolist(), query_rows)):
         hits.append(db_rows[j]["emoji"] == row["emoji"])
         if row.get("style") is not None:
             style_hits.append(db_rows[j]["style"] == row["style"])
+            both_hits.append(hits[-1] and style_hits[-1])
         if not row.get("skin_tone"):
             plain.append(hits[-1])
         allowed = np.ones(len(db_rows), bool) if exclude is None else ~exclude[i].numpy()
         chance.append((db_emoji[allowed] == row["emoji"]).sum() / max(allowed.sum(), 1))
     return {"n": len(query_rows), "emoji_accuracy": float(np.mean(hits)),
             "style_accuracy": float(np.mean(style_hits)) if style_hits else None,
+            "both_accuracy": float(np.mean(both_hits)) if both_hits else None,
             "emoji_accuracy_no_skin_tone": float(np.mean(plain)) if plain else None, "n_no_skin_tone": len(plain),
             "chance": float(np.mean(chance)),
             "neighbours": [[row["text"], db_rows[j]["text"]] for j, row in zip(neighbours.tolist(), query_rows)]}
@@ -278,6 +280,7 @@ def evaluate(pipe, data_dir: str | Path, num_train: int = 200, seed: int = 0, gu
     results["settings"] = {"num_train": len(train_idx), "num_heldout": len(held_idx), "num_names": len(names),
                            "seed": seed,
                            "guidance_scale": guidance_scale, "steps": steps, "batch_size": batch_size,
+                           "composed_guidance": pipe.composed_guidance and pipe.composed_guidance.to_config(),
                            "sampler": sampler, "device": pipe.device.type,
                            "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
                            "temperature": list(temperature) if isinstance(temperature, (tuple, list)) else temperature}

@@ -77,7 +77,7 @@ def compile_blocks(pipe) -> None:
 
 
 def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch.Tensor], total: torch.Tensor,
-                ratio: torch.Tensor, temperature: torch.Tensor, last: torch.Tensor, guidance_scale: float,
+                ratio: torch.Tensor, temperature: torch.Tensor, last: torch.Tensor, guidance_scale: float | torch.Tensor,
                 mask_token_id: int, shape: tuple[int, int, int], timestep: torch.Tensor | None = None,
                 priority: torch.Tensor | None = None) -> sampling.StepResult:
     """One decoding step of the graph: transformer forward, guidance and sampling in one function.
@@ -227,15 +227,18 @@ class FastDecoder:
             overwritten by the next replay.
         """
         temperature = tuple(temperature) if isinstance(temperature, (tuple, list)) else temperature
+        composed = isinstance(guidance_scale, torch.Tensor)  # composed guidance's (K, B) weights: a graph input
         key = (tuple(start.tokens.shape), tuple(embeds.hidden.shape), num_steps, start.start_step, schedule,
-               temperature, float(guidance_scale), start.total is None, record, order)
+               temperature, "composed" if composed else float(guidance_scale), start.total is None, record, order)
         inputs = {"tokens": start.tokens, "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro_conds}
         if start.total is not None:
             inputs["total"] = start.total
+        if composed:
+            inputs["weights"] = guidance_scale
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(inputs, guidance_scale, start.start_step, num_steps, schedule,
-                                                     temperature, record, order)
+            entry = self.graphs[key] = self._capture(inputs, None if composed else guidance_scale, start.start_step,
+                                                     num_steps, schedule, temperature, record, order)
         source = generator if generator is not None else torch.cuda.default_generators[self.pipe.device.index or 0]
         with torch.inference_mode():
             for name, value in inputs.items():
@@ -252,6 +255,7 @@ class FastDecoder:
         """What the graph holds: the per-call conditioning, then `sampling.decode` (the plain path's loop) with a
         whole step as one function (`guided_step`, compiled), then the VQ decode."""
         model, mask_id = self.pipe.transformer, self.pipe.scheduler.mask_token_id
+        guidance = bufs.get("weights", guidance_scale)  # composed guidance's weights buffer, else the scale
         B, H, W = shape = tuple(bufs["tokens"].shape)
         device = bufs["tokens"].device
         ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"], grid=(H, W))  # once per call
@@ -260,7 +264,7 @@ class FastDecoder:
         def fused_step(grid, step: sampling.StepInputs):
             draws = sampling.gumbel_draws(draw_shape, self.generator, device)  # in the plain path's stream order
             return self.step(model, grid, ctx, draws, step.total, step.ratio, step.temperature, step.last,
-                             guidance_scale, mask_id, shape, step.timestep, step.priority)
+                             guidance, mask_id, shape, step.timestep, step.priority)
 
         steps = None
         if record:  # per-step records, written inside the graph

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import sampling
-from .guidance import guided_logits
+from .guidance import ComposedGuidance, guided_logits
 from .images import from_device, output_tensor, to_host
 from .components import AMUSED, SAMPLERS, Family, SchedulerConfig, load_components, save_components
 from .models.text_encoder import TextEncoder
@@ -81,10 +81,17 @@ class AmusedPipelineOutput:
 
 @dataclass
 class PromptEmbeddings:
-    """Text conditioning for one call, in guidance order: [negatives..., positives...] when guided."""
+    """Text conditioning for one call, in guidance order: [negatives..., positives...] when guided; with composed
+    guidance [negatives..., term 1..., ..., term K...] and the terms' weights."""
 
-    hidden: torch.Tensor  # (B or 2B, S, D)
-    pooled: torch.Tensor  # (B or 2B, P)
+    hidden: torch.Tensor  # (B, 2B or (1 + K) B, S, D)
+    pooled: torch.Tensor  # (B, 2B or (1 + K) B, P)
+    weights: torch.Tensor | None = None  # (K, B) composed guidance weights (times the guidance scale), else None
+
+    @property
+    def parts(self) -> int:
+        """Rows per sample: 1 unguided, 2 guided, 1 + K with composed guidance."""
+        return 1 + (self.weights.shape[0] if self.weights is not None else 1)
 
 
 class AmusedPipeline:
@@ -107,6 +114,9 @@ class AmusedPipeline:
     # draws (on the CPU, inverse-CDF sampling: much faster with large codebooks). True: always diffusers' stream.
     # Every face sets it from its engine (`--reference-stream`).
     reference_stream: bool | None = None
+    # How prompts "SUBJECT, STYLE style" are guided (amused.guidance.ComposedGuidance), from the checkpoint's
+    # generation_config.json; None (every published checkpoint): ordinary guidance. Set it to None to turn it off.
+    composed_guidance: ComposedGuidance | None = None
 
     def __init__(self, vqvae: VQGAN, tokenizer, text_encoder, transformer: UViT, scheduler: SchedulerConfig):
         if not isinstance(transformer, self.family.transformer):
@@ -150,6 +160,8 @@ class AmusedPipeline:
                                           device, cls.family)
         pipe = cls(**parts)
         pipe.generation_defaults = defaults
+        if "composed_guidance" in defaults:  # checked by load_components
+            pipe.composed_guidance = ComposedGuidance.from_config(defaults["composed_guidance"])
         return pipe
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> None:
@@ -169,6 +181,7 @@ class AmusedPipeline:
         new.generation_defaults = pipe.generation_defaults
         new._fast = pipe._fast  # the same modules, so the same graphs serve every task
         new.reference_stream = pipe.reference_stream
+        new.composed_guidance = pipe.composed_guidance
         return new
 
     @property
@@ -217,25 +230,37 @@ class AmusedPipeline:
 
     def encode_prompt(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None,
                       num_images_per_prompt: int, guided: bool, prompt_embeds=None, encoder_hidden_states=None,
-                      negative_prompt_embeds=None, negative_encoder_hidden_states=None) -> PromptEmbeddings:
-        """Text conditioning in the order the guided batch uses: [negatives..., positives...]."""
+                      negative_prompt_embeds=None, negative_encoder_hidden_states=None,
+                      composed: ComposedGuidance | None = None) -> PromptEmbeddings:
+        """Text conditioning in the order the guided batch uses: [negatives..., positives...]; with `composed`
+        (guided text prompts only) [negatives..., term 1..., ..., term K...] and the terms' weights, unless no
+        prompt has a style part."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` or `prompt_embeds`")
         if (prompt_embeds is None) != (encoder_hidden_states is None):
             raise ValueError("pass both `prompt_embeds` and `encoder_hidden_states`, or neither")
         if (negative_prompt_embeds is None) != (negative_encoder_hidden_states is None):
             raise ValueError("pass both `negative_prompt_embeds` and `negative_encoder_hidden_states`, or neither")
+        split = None  # composed guidance's (texts, weights) of the terms
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("`prompt` must be a string or a non-empty list of strings")
             hidden, pooled = self._encode(prompts)
+            split = composed.terms(prompts) if composed is not None and guided else None
+            if split is not None:  # each term's states; the whole prompt's are already encoded
+                texts = split[0]
+                terms = [(hidden, pooled) if term == "prompt" else self._encode(t)
+                         for (term, _), t in zip(composed.weights, texts)]
+                hidden, pooled = torch.cat([h for h, _ in terms]), torch.cat([p for _, p in terms])
         else:
             hidden, pooled = encoder_hidden_states.to(self.device, self.dtype), prompt_embeds.to(self.device, self.dtype)
-        n = hidden.shape[0]
-        # Tiled (p1, p2, p1, p2, ...) as the reference repeats them, so seeds give the same images.
+        k = 1 if split is None else split[1].shape[0]
+        n = hidden.shape[0] // k
+        # Tiled (p1, p2, p1, p2, ...) as the reference repeats them, so seeds give the same images; each term alike.
         if num_images_per_prompt > 1:
-            hidden, pooled = hidden.repeat(num_images_per_prompt, 1, 1), pooled.repeat(num_images_per_prompt, 1)
+            hidden = hidden.reshape(k, n, *hidden.shape[1:]).repeat(1, num_images_per_prompt, 1, 1).flatten(0, 1)
+            pooled = pooled.reshape(k, n, -1).repeat(1, num_images_per_prompt, 1).flatten(0, 1)
         if not guided:
             return PromptEmbeddings(hidden, pooled)
         if negative_prompt_embeds is not None:
@@ -255,17 +280,19 @@ class AmusedPipeline:
         if num_images_per_prompt > 1:
             neg_hidden = neg_hidden.repeat(num_images_per_prompt, 1, 1)
             neg_pooled = neg_pooled.repeat(num_images_per_prompt, 1)
-        return PromptEmbeddings(torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]))
+        weights = None if split is None else split[1].repeat(1, num_images_per_prompt).to(self.device)
+        return PromptEmbeddings(torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]), weights)
 
     # ------------------------------------------------------------------------------------------------------
     # The shared generation path
     # ------------------------------------------------------------------------------------------------------
 
-    def logits_fn(self, embeds: PromptEmbeddings, micro_conds: torch.Tensor, guidance_scale: float,
+    def logits_fn(self, embeds: PromptEmbeddings, micro_conds: torch.Tensor, guidance_scale: float | torch.Tensor,
                   model: Callable | None = None, grid: tuple[int, int] | None = None
                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """(tokens (B, h, w), timestep) -> guided logits (B, V, h, w), through `model` (default: the transformer);
-        `grid`: the (h, w) token grid of the call (Meissonic builds its rotary table for it once)."""
+        `guidance_scale`: g, or composed guidance's (K, B) weights (`guidance.guided_logits`); `grid`: the (h, w)
+        token grid of the call (Meissonic builds its rotary table for it once)."""
         model = model or self.transformer
         ctx = model.condition(embeds.hidden, embeds.pooled, micro_conds, grid=grid)  # once per call, not per step
         return lambda tokens, timestep: guided_logits(model, tokens, ctx, guidance_scale, timestep)
@@ -329,8 +356,9 @@ class AmusedPipeline:
         guided = guidance_scale > 1.0
         embeds = self.encode_prompt(o.prompt, o.negative_prompt, o.num_images_per_prompt, guided, o.prompt_embeds,
                                     o.encoder_hidden_states, o.negative_prompt_embeds,
-                                    o.negative_encoder_hidden_states)
-        batch = embeds.hidden.shape[0] // (2 if guided else 1)
+                                    o.negative_encoder_hidden_states, self.composed_guidance)
+        batch = embeds.hidden.shape[0] // embeds.parts if guided else embeds.hidden.shape[0]
+        guidance = guidance_scale if embeds.weights is None else embeds.weights * guidance_scale
         crop_top, crop_left = o.micro_conditioning_crop_coord
         micro_conds = torch.tensor([width, height, crop_top, crop_left, o.micro_conditioning_aesthetic_score],
                                    dtype=embeds.hidden.dtype).to(self.device, non_blocking=True)  # not blocking:
@@ -355,7 +383,7 @@ class AmusedPipeline:
         images = None
         if self._fast is not None and draw == "gumbel" and self._fast.supports(generator):
             tokens, images, records = self._fast.run(
-                embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance_scale, start=start,
+                embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance, start=start,
                 num_steps=num_inference_steps, schedule=schedule, temperature=temperature, generator=generator,
                 record=user_callback is not None, order=sampler)
             tokens = tokens.clone()  # graph outputs are overwritten by the next replay (images: by _finish)
@@ -365,7 +393,7 @@ class AmusedPipeline:
                     on_step(i, sampling.StepResult(*(records[k][i].view(B, -1).clone()
                                                      for k in ("tokens", "predicted", "confidence"))))
         else:
-            logits_fn = self.logits_fn(embeds, micro_conds, guidance_scale, grid=tuple(start.tokens.shape[1:]))
+            logits_fn = self.logits_fn(embeds, micro_conds, guidance, grid=tuple(start.tokens.shape[1:]))
             tokens = sampling.decode(logits_fn, start.tokens, num_steps=num_inference_steps,
                                      mask_token_id=self.scheduler.mask_token_id, start_step=start.start_step,
                                      schedule=schedule, temperature=temperature, total=start.total, draw=draw,

@@ -1,0 +1,112 @@
+"""Composed guidance (amused.guidance.ComposedGuidance), set by a checkpoint's generation_config.json: prompts
+"SUBJECT, STYLE style" are guided by the prompt's, the subject's and the style's directions; any other prompt, and
+every call of a checkpoint without it, keeps ordinary guidance."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from amused import AmusedPipeline
+from amused.guidance import ComposedGuidance
+from amused.loading import CheckpointError
+
+MICRO = torch.tensor([[32.0, 32, 0, 0, 6]])
+TOKENS = torch.randint(0, 8, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+
+
+def composed(**weights):
+    return ComposedGuidance.from_config({"weights": weights})
+
+
+def logits(pipe, prompts, g, spec=None):
+    """The first decoding step's logits of `prompts`, guided (g > 1) as a call composes them."""
+    embeds = pipe.encode_prompt(prompts, None, 1, g > 1, composed=spec)
+    guidance = g if embeds.weights is None else embeds.weights * g
+    fn = pipe.logits_fn(embeds, MICRO.expand(embeds.hidden.shape[0], -1), guidance, grid=(4, 4))
+    return fn(TOKENS[:len(prompts)], torch.tensor(0.5))
+
+
+def test_split():
+    spec = composed(prompt=1.0)
+    assert spec.split("waving hand, medium skin tone, twitter style") == {
+        "prompt": "waving hand, medium skin tone, twitter style", "subject": "waving hand, medium skin tone",
+        "style": "twitter style"}
+    for plain in ("red apple", "red apple, shiny", ", google style", "apple,  style", "google style"):
+        assert spec.split(plain) is None, plain
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"weights": {"prompt": 1, "colour": 1}}, "weights must map"),
+    ({"weights": {"prompt": float("nan")}}, "weights.prompt must be a finite number"),
+    ({"weights": {"prompt": 0, "style": 0}}, "at least one weight"),
+    ({"weights": {"prompt": True}}, "finite number"),
+    ({"weights": {"prompt": 1}, "style_suffix": ""}, "style_suffix"),
+    ({"weights": {"prompt": 1}, "style_suffix": "a, b"}, "style_suffix"),
+    ({"prompt": 1}, "composed_guidance must be"),
+    ([1, 2], "composed_guidance must be"),
+])
+def test_config_checked(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        ComposedGuidance.from_config(bad)
+
+
+def test_each_term_alone_is_ordinary_guidance_on_its_text(ours):
+    prompts = ["a cat, ink style", "a dog, ink style"]
+    texts = {"prompt": prompts, "subject": ["a cat", "a dog"], "style": ["ink style", "ink style"]}
+    reference = {term: logits(ours, t, 3.0) for term, t in texts.items()}
+    for term in texts:
+        torch.testing.assert_close(logits(ours, prompts, 3.0, composed(**{term: 1.0})), reference[term])
+    assert not torch.allclose(reference["prompt"], reference["subject"])  # the texts tell the terms apart
+    assert not torch.allclose(reference["subject"], reference["style"])
+    # several terms: uncond + g * sum_k w_k (c_k - uncond)
+    uncond = logits(ours, ["", ""], 1.0)  # the empty negative prompt, unguided
+    mixed = logits(ours, prompts, 3.0, composed(prompt=0.5, subject=0.5, style=1.0))
+    expected = uncond + sum(w * (reference[t] - uncond) for t, w in (("prompt", 0.5), ("subject", 0.5), ("style", 1.0)))
+    torch.testing.assert_close(mixed, expected)
+
+
+def test_prompts_without_a_style_keep_ordinary_guidance(ours):
+    spec = composed(prompt=0.5, subject=0.5, style=1.0)
+    embeds = ours.encode_prompt(["a cat", "a dog"], None, 1, True, composed=spec)
+    assert embeds.weights is None and embeds.hidden.shape[0] == 4  # no extra passes
+    # in a batch with a styled prompt, the plain one is guided as ordinary guidance would
+    mixed = logits(ours, ["a cat, ink style", "a dog"], 3.0, spec)
+    torch.testing.assert_close(mixed[1], logits(ours, ["a cat, ink style", "a dog"], 3.0)[1])
+
+
+def test_images_per_prompt_tile_every_term(ours):
+    spec = composed(subject=1.0, style=1.0)
+    embeds = ours.encode_prompt(["a cat, ink style", "a dog, oil style"], None, 2, True, composed=spec)
+    assert embeds.weights.shape == (2, 4) and embeds.hidden.shape[0] == 3 * 4
+    expected = ours.encode_prompt(["a cat", "a dog", "a cat", "a dog", "ink style", "oil style", "ink style",
+                                   "oil style"], None, 1, False)
+    torch.testing.assert_close(embeds.hidden[4:], expected.hidden)
+
+
+def test_checkpoint_sets_it_and_every_call_uses_it(ours, tmp_path):
+    prompt = "a cat, ink style"
+    plain = np.asarray(ours(prompt, generator=torch.Generator().manual_seed(0), guidance_scale=3.0,
+                            num_inference_steps=4).images[0])
+    ours.generation_defaults = {"composed_guidance": {"weights": {"subject": 1.0}}}
+    ours.save_pretrained(tmp_path / "m")
+    loaded = AmusedPipeline.from_pretrained(tmp_path / "m")
+    assert loaded.composed_guidance == composed(subject=1.0)
+
+    def image(pipe, p):
+        return np.asarray(pipe(p, generator=torch.Generator().manual_seed(0), guidance_scale=3.0,
+                               num_inference_steps=4).images[0])
+    # subject alone: the image of the prompt without its style, through __call__
+    np.testing.assert_array_equal(image(loaded, prompt), image(ours, "a cat"))
+    assert not np.array_equal(image(loaded, prompt), plain)
+    loaded.composed_guidance = None  # turned off: ordinary guidance again
+    np.testing.assert_array_equal(image(loaded, prompt), plain)
+
+
+def test_bad_config_names_the_file(ours, tmp_path):
+    ours.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "generation_config.json"
+    path.write_text(json.dumps({"composed_guidance": {"weights": {"prompt": "x"}}}))
+    with pytest.raises(CheckpointError, match="generation_config.json.*weights.prompt must be a finite number"):
+        AmusedPipeline.from_pretrained(tmp_path / "m")
