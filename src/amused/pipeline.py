@@ -248,10 +248,12 @@ class AmusedPipeline:
                 raise ValueError("`prompt` must be a string or a non-empty list of strings")
             hidden, pooled = self._encode(prompts)
             split = composed.terms(prompts) if composed is not None and guided else None
-            if split is not None:  # each term's states; the whole prompt's are already encoded
-                texts = split[0]
-                terms = [(hidden, pooled) if term == "prompt" else self._encode(t)
-                         for (term, _), t in zip(composed.weights, texts)]
+            if split is not None:  # each term's states (the whole prompt's are already encoded), in one batch
+                others = [t for (term, _), t in zip(composed.weights, split[0]) if term != "prompt"]
+                n = len(prompts)
+                more = self._encode([t for texts in others for t in texts]) if others else (hidden[:0], pooled[:0])
+                parts = iter(zip(more[0].split(n), more[1].split(n)))
+                terms = [(hidden, pooled) if term == "prompt" else next(parts) for term, _ in composed.weights]
                 hidden, pooled = torch.cat([h for h, _ in terms]), torch.cat([p for _, p in terms])
         else:
             hidden, pooled = encoder_hidden_states.to(self.device, self.dtype), prompt_embeds.to(self.device, self.dtype)
