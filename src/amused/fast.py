@@ -77,9 +77,9 @@ def compile_blocks(pipe) -> None:
 
 
 def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch.Tensor], total: torch.Tensor,
-                ratio: torch.Tensor, temperature: torch.Tensor, last: torch.Tensor, guidance_scale: float | torch.Tensor,
-                mask_token_id: int, shape: tuple[int, int, int], timestep: torch.Tensor | None = None,
-                priority: torch.Tensor | None = None) -> sampling.StepResult:
+                ratio: torch.Tensor, temperature: torch.Tensor, last: torch.Tensor,
+                guidance_scale: float | torch.Tensor, mask_token_id: int, shape: tuple[int, int, int],
+                timestep: torch.Tensor | None = None, priority: torch.Tensor | None = None) -> sampling.StepResult:
     """One decoding step of the graph: transformer forward, guidance and sampling in one function.
 
     Compiled as one graph (`compile="full"`), the logits never leave it: the guidance mix fuses into the
@@ -90,6 +90,7 @@ def guided_step(model, grid: torch.Tensor, ctx, draws: tuple[torch.Tensor, torch
 
     Args:
         grid: (B, L) current tokens; shape: (B, h, w) of the grid.
+        guidance_scale: g, or composed guidance's (K, B) weights (`guidance.guided_logits`), a graph input.
         draws: the step's `sampling.gumbel_draws`.
         last: 0-d bool tensor, True on the final step (every token is committed).
         timestep: 0-d tensor, the step's scheduler timestep (Meissonic reads it, the U-ViT ignores it): an input,

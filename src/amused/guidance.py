@@ -92,6 +92,7 @@ class ComposedGuidance:
         if all(p is None for p in parts):
             return None
         k = len(self.weights)
-        texts = [[p[term] if p is not None else prompt for p, prompt in zip(parts, prompts)] for term, _ in self.weights]
+        texts = [[p[term] if p is not None else prompt for p, prompt in zip(parts, prompts)]
+                 for term, _ in self.weights]
         weights = torch.tensor([[w if p is not None else 1.0 / k for p in parts] for _, w in self.weights])
         return texts, weights

@@ -84,8 +84,8 @@ class PromptEmbeddings:
     """Text conditioning for one call, in guidance order: [negatives..., positives...] when guided; with composed
     guidance [negatives..., term 1..., ..., term K...] and the terms' weights."""
 
-    hidden: torch.Tensor  # (B, 2B or (1 + K) B, S, D)
-    pooled: torch.Tensor  # (B, 2B or (1 + K) B, P)
+    hidden: torch.Tensor  # (rows, S, D): B rows, 2B guided, (1 + K) B composed
+    pooled: torch.Tensor  # (rows, P)
     weights: torch.Tensor | None = None  # (K, B) composed guidance weights (times the guidance scale), else None
 
     @property
@@ -251,7 +251,8 @@ class AmusedPipeline:
             if split is not None:  # each term's states (the whole prompt's are already encoded), in one batch
                 others = [t for (term, _), t in zip(composed.weights, split[0]) if term != "prompt"]
                 n = len(prompts)
-                more = self._encode([t for texts in others for t in texts]) if others else (hidden[:0], pooled[:0])
+                flat = [t for texts in others for t in texts]
+                more = self._encode(flat) if flat else (hidden[:0], pooled[:0])
                 parts = iter(zip(more[0].split(n), more[1].split(n)))
                 terms = [(hidden, pooled) if term == "prompt" else next(parts) for term, _ in composed.weights]
                 hidden, pooled = torch.cat([h for h, _ in terms]), torch.cat([p for _, p in terms])
