@@ -30,6 +30,7 @@ import torch
 from amused import AmusedPipeline
 from amused import evaluate as ev
 from amused.embedded import embedded_model_path
+from amused import guidance
 from amused.guidance import ComposedGuidance
 from amused.loading import atomic_write
 from amused.runtime import make_generator, pick_dtype, pick_device
@@ -40,8 +41,7 @@ SCALE = 2.0  # any scale > 1 (guided); the weights are divided by it
 
 def composed_guidance(values: list[float]) -> ComposedGuidance:
     """W_FULL,W_NAME,W_STYLE -> the pipeline's composed guidance at guidance_scale SCALE."""
-    return ComposedGuidance.from_config({"weights": {term: v / SCALE for term, v in
-                                                     zip(("prompt", "subject", "style"), values)}})
+    return ComposedGuidance.from_config({"weights": {term: v / SCALE for term, v in zip(guidance.TERMS, values)}})
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ class PromptEmbeddings:
 
     @property
     def parts(self) -> int:
-        """Rows per sample: 1 unguided, 2 guided, 1 + K with composed guidance."""
+        """Rows per sample of a guided call: 2, or 1 + K with composed guidance (an unguided call has 1)."""
         return 1 + (self.weights.shape[0] if self.weights is not None else 1)
 
 
