@@ -44,10 +44,6 @@ def test_split():
     ({"weights": {"prompt": True}}, "finite number"),
     ({"weights": {"prompt": 1}, "style_suffix": ""}, "style_suffix"),
     ({"weights": {"prompt": 1}, "style_suffix": "a, b"}, "style_suffix"),
-    ({"weights": {"prompt": 1}, "end": 0}, "end must be a number in"),
-    ({"weights": {"prompt": 1}, "end": 1.5}, "end must be a number in"),
-    ({"weights": {"prompt": 1}, "end": True}, "end must be a number in"),
-    ({"weights": {"subject": 1, "style": 1}, "end": 0.5}, "needs a non-zero weights.prompt"),
     ({"prompt": 1}, "composed_guidance must be"),
     ([1, 2], "composed_guidance must be"),
 ])
@@ -114,48 +110,3 @@ def test_bad_config_names_the_file(ours, tmp_path):
     path.write_text(json.dumps({"composed_guidance": {"weights": {"prompt": "x"}}}))
     with pytest.raises(CheckpointError, match="generation_config.json.*weights.prompt must be a finite number"):
         AmusedPipeline.from_pretrained(tmp_path / "m")
-
-
-def test_end_counts_steps_as_diffusers_control_guidance_end():
-    spec = ComposedGuidance.from_config({"weights": {"prompt": 1.0}, "end": 0.25})
-    assert [spec.steps(n) for n in (8, 12, 3, 1)] == [2, 3, 0, 0]  # steps i with (i + 1) / N <= end
-    assert composed(prompt=1.0).steps(8) == 8
-    assert ComposedGuidance.from_config(spec.to_config()) == spec
-    assert "end" not in composed(prompt=1.0).to_config()  # the default is not written out
-
-
-def _rows_per_step(pipe, prompt, **kwargs):
-    """The U-ViT rows of each decoding step of one call, and its steps."""
-    rows, forward = [], pipe.transformer.forward_tokens
-
-    def counting(tokens, *args):
-        rows.append(tokens.shape[0])
-        return forward(tokens, *args)
-    pipe.transformer.forward_tokens = counting
-    try:
-        out = pipe(prompt, generator=torch.Generator().manual_seed(0), guidance_scale=3.0, num_inference_steps=4,
-                   return_steps=True, output_type="latent", **kwargs)
-    finally:
-        del pipe.transformer.forward_tokens
-    return rows, out.steps
-
-
-def test_end_composes_the_first_steps_then_guides_by_the_prompt(ours):
-    weights = {"prompt": 0.5, "subject": 0.5, "style": 1.0}
-    ours.composed_guidance = ComposedGuidance.from_config({"weights": weights})
-    try:
-        rows_all, steps_all = _rows_per_step(ours, "a cat, ink style")
-        ours.composed_guidance = ComposedGuidance.from_config({"weights": weights, "end": 0.5})
-        rows_half, steps_half = _rows_per_step(ours, "a cat, ink style")
-        ours.composed_guidance = ComposedGuidance.from_config({"weights": weights, "end": 0.1})  # no step composed
-        _, steps_none = _rows_per_step(ours, "a cat, ink style")
-        rows_plain, _ = _rows_per_step(ours, "a cat")  # a prompt without a style: ordinary guidance throughout
-    finally:
-        ours.composed_guidance = None
-    _, steps_ordinary = _rows_per_step(ours, "a cat, ink style")
-    assert rows_all == [4] * 4 and rows_half == [4, 4, 2, 2] and rows_plain == [2] * 4
-    for a, b in zip(steps_all[:2], steps_half[:2]):  # the composed steps are the same steps
-        assert torch.equal(a.tokens, b.tokens)
-    assert not torch.equal(steps_all[-1].tokens, steps_half[-1].tokens)
-    for a, b in zip(steps_none, steps_ordinary):  # no step composed: ordinary guidance exactly
-        assert torch.equal(a.tokens, b.tokens)

@@ -87,35 +87,6 @@ def test_graph_program_takes_composed_guidance_weights_as_an_input(ref_dir):
     assert torch.equal(tokens, expected)
 
 
-def test_graph_program_ends_composed_guidance_part_way(ref_dir):
-    """ComposedGuidance.end: the program composes the first steps and guides by the prompt's rows after, in one
-    graph, as the plain path's per-step logits functions do."""
-    from amused.guidance import ComposedGuidance
-
-    plain = AmusedPipeline.from_pretrained(ref_dir)
-    fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=False, vq_dtype=torch.float32)
-    spec = ComposedGuidance.from_config({"weights": {"prompt": 0.5, "subject": 0.5, "style": 1.0}, "end": 0.5})
-    with torch.inference_mode():
-        embeds = plain.encode_prompt(["a cat, ink style", "a dog"], None, 1, True, composed=spec)
-        micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(8, -1)
-        start = torch.full((2, 8, 8), 23)
-        weights = embeds.weights * 10.0
-        composed_fn = plain.logits_fn(embeds, micro, weights)
-        ordinary_fn = plain.logits_fn(embeds.ordinary(), micro[:4], 10.0)
-        expected = sampling.decode([composed_fn] * 3 + [ordinary_fn] * 3, start, num_steps=6, mask_token_id=23,
-                                   draw="gumbel", generator=seeded(5))
-        composed_only = sampling.decode(composed_fn, start, num_steps=6, mask_token_id=23, draw="gumbel",
-                                        generator=seeded(5))
-        fast.generator = seeded(5)
-        bufs = {"tokens": start.clone(), "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro,
-                "weights": weights}
-        tokens, _, _ = fast._program(bufs, None, 0, 6, "cosine", (2, 0), ordinary=(3, 10.0))
-    assert torch.equal(tokens, expected)
-    assert not torch.equal(expected, composed_only)
-    with pytest.raises(ValueError, match="logits_fn: 2 per-step functions for 6 steps"):
-        sampling.decode([composed_fn] * 2, start, num_steps=6, mask_token_id=23, draw="gumbel")
-
-
 @pytest.mark.parametrize("task", ["img2img", "inpaint", "unguided"])
 def test_graph_program_equals_plain_path_for_image_tasks(ref_dir, task):
     """The same for a run that enters the schedule part-way over a partly known grid (img2img: `total` is the

@@ -39,11 +39,9 @@ TERMS = ("full", "name", "style")  # the probe's names for amused.guidance's "pr
 SCALE = 2.0  # any scale > 1 (guided); the weights are divided by it
 
 
-def composed_guidance(values: list[float], end: float = 1.0) -> ComposedGuidance:
-    """W_FULL,W_NAME,W_STYLE -> the pipeline's composed guidance at guidance_scale SCALE (composed on the `end`
-    fraction of the steps, ordinary guidance by the whole caption after: ComposedGuidance.end)."""
-    return ComposedGuidance.from_config({"weights": {term: v / SCALE for term, v in zip(guidance.TERMS, values)},
-                                         "end": end})
+def composed_guidance(values: list[float]) -> ComposedGuidance:
+    """W_FULL,W_NAME,W_STYLE -> the pipeline's composed guidance at guidance_scale SCALE."""
+    return ComposedGuidance.from_config({"weights": {term: v / SCALE for term, v in zip(guidance.TERMS, values)}})
 
 
 def main() -> None:
@@ -51,9 +49,6 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     ap.add_argument("--data", default="data/emoji")
     ap.add_argument("--settings", nargs="+", required=True, help="W_FULL,W_NAME,W_STYLE triples")
-    ap.add_argument("--end", type=float, nargs="+", default=[1.0],
-                    help="composed on this fraction of the steps, ordinary guidance W_FULL after; each setting is "
-                         "run at each (default 1: every step)")
     ap.add_argument("--num-train", type=int, default=200, help="training captions, sampled as `amused eval` does")
     ap.add_argument("--limit", type=int, default=None, help="only the first N captions of each set (a dry run)")
     ap.add_argument("--device", default="auto")
@@ -71,17 +66,13 @@ def main() -> None:
     sets = {k: v[:args.limit] for k, v in sets.items()}
     results = {"what": __doc__.split("\n\n")[0], "model": args.model or "embedded", "device": device.type,
                "dtype": str(dtype).removeprefix("torch."), "n": {k: len(v) for k, v in sets.items()}, "settings": {}}
-    print(f"{'w_full':>7}{'w_name':>7}{'w_style':>8}{'end':>6} | held-out emoji  style   both | train emoji  style",
-          flush=True)
-    for setting, end in [(s, e) for s in args.settings for e in args.end]:
+    print(f"{'w_full':>7}{'w_name':>7}{'w_style':>8} | held-out emoji  style   both | train emoji  style", flush=True)
+    for setting in args.settings:
         values = [float(v) for v in setting.split(",")]
         if len(values) != 3 or not any(values):
             ap.error(f"--settings: {setting!r} is not three weights W_FULL,W_NAME,W_STYLE, not all 0")
-        try:
-            pipe.composed_guidance = composed_guidance(values, end)  # every caption here has a style part
-        except ValueError as e:
-            ap.error(f"--settings {setting} --end {end}: {e}")
-        entry = dict(zip(TERMS, values)) | {"end": end}
+        pipe.composed_guidance = composed_guidance(values)  # every caption here has a style part
+        entry = dict(zip(TERMS, values))
         for name, chosen in sets.items():
             started, generator, images = time.perf_counter(), make_generator(device, 0), []
             for i in range(0, len(chosen), args.batch_size):
@@ -91,8 +82,8 @@ def main() -> None:
             scores = ev.retrieval_scores(ev.nearest(ev.features(torch.cat(images)), db), chosen, rows)
             entry[name] = {k: scores[k] for k in ("emoji_accuracy", "style_accuracy", "both_accuracy")}
             entry[name]["seconds"] = round(time.perf_counter() - started, 1)
-        results["settings"][setting if end == 1 else f"{setting}@{end:g}"] = entry
-        print(f"{values[0]:>7}{values[1]:>7}{values[2]:>8}{end:>6g} | {entry['heldout']['emoji_accuracy']:>13.1%}"
+        results["settings"][setting] = entry
+        print(f"{values[0]:>7}{values[1]:>7}{values[2]:>8} | {entry['heldout']['emoji_accuracy']:>13.1%}"
               f"{entry['heldout']['style_accuracy']:>7.1%}{entry['heldout']['both_accuracy']:>7.1%} | "
               f"{entry['train']['emoji_accuracy']:>11.1%}"
               f"{entry['train']['style_accuracy']:>7.1%}", flush=True)

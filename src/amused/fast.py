@@ -25,7 +25,6 @@ once per step, with that step's tokens.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -219,11 +218,9 @@ class FastDecoder:
         return generator is None or generator.device.type == "cuda"
 
     def run(self, *, embeds, micro_conds, guidance_scale, start, num_steps, schedule, temperature, generator,
-            record: bool = False, order: str = "confidence", ordinary: tuple[int, float] | None = None
+            record: bool = False, order: str = "confidence"
             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
         """Replay (capturing first if this shape/settings is new), drawing from `generator`'s stream.
-        `ordinary`: (n, g) when composed guidance ends part-way: composed on the first n steps, then ordinary
-        guidance g by `embeds.ordinary()`'s rows.
 
         Returns:
             (B, h, w) tokens, (B, 3, H, W) images in [0, 1], and with `record` the per-step records
@@ -233,8 +230,7 @@ class FastDecoder:
         temperature = tuple(temperature) if isinstance(temperature, (tuple, list)) else temperature
         composed = isinstance(guidance_scale, torch.Tensor)  # composed guidance's (K, B) weights: a graph input
         key = (tuple(start.tokens.shape), tuple(embeds.hidden.shape), num_steps, start.start_step, schedule,
-               temperature, "composed" if composed else float(guidance_scale), start.total is None, record, order,
-               ordinary and (ordinary[0], float(ordinary[1])))
+               temperature, "composed" if composed else float(guidance_scale), start.total is None, record, order)
         inputs = {"tokens": start.tokens, "hidden": embeds.hidden, "pooled": embeds.pooled, "micro": micro_conds}
         if start.total is not None:
             inputs["total"] = start.total
@@ -243,7 +239,7 @@ class FastDecoder:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(inputs, None if composed else guidance_scale, start.start_step,
-                                                     num_steps, schedule, temperature, record, order, ordinary)
+                                                     num_steps, schedule, temperature, record, order)
         source = generator if generator is not None else torch.cuda.default_generators[self.pipe.device.index or 0]
         with torch.inference_mode():
             for name, value in inputs.items():
@@ -256,9 +252,9 @@ class FastDecoder:
         return entry.tokens, entry.images, entry.steps
 
     def _program(self, bufs: dict[str, torch.Tensor], guidance_scale, start_step, num_steps, schedule, temperature,
-                 record: bool = False, order: str = "confidence", ordinary: tuple[int, float] | None = None):
+                 record: bool = False, order: str = "confidence"):
         """What the graph holds: the per-call conditioning, then `sampling.decode` (the plain path's loop) with a
-        whole step as one function (`guided_step`, compiled), then the VQ decode. `ordinary`: see `run`."""
+        whole step as one function (`guided_step`, compiled), then the VQ decode."""
         model, mask_id = self.pipe.transformer, self.pipe.scheduler.mask_token_id
         guidance = bufs.get("weights", guidance_scale)  # composed guidance's weights buffer, else the scale
         B, H, W = shape = tuple(bufs["tokens"].shape)
@@ -266,18 +262,10 @@ class FastDecoder:
         ctx = model.condition(bufs["hidden"], bufs["pooled"], bufs["micro"], grid=(H, W))  # once per call
         draw_shape = (B, H * W, model.config.codebook_size)
 
-        def fused_step(grid, step: sampling.StepInputs, ctx=ctx, guidance=guidance):
+        def fused_step(grid, step: sampling.StepInputs):
             draws = sampling.gumbel_draws(draw_shape, self.generator, device)  # in the plain path's stream order
             return self.step(model, grid, ctx, draws, step.total, step.ratio, step.temperature, step.last,
                              guidance, mask_id, shape, step.timestep, step.priority)
-
-        step_fn = fused_step
-        if ordinary is not None:  # composed on the first n steps, then ordinary guidance by the prompt's rows
-            n, scale = ordinary
-            rows = 2 * B
-            plain_ctx = model.condition(bufs["hidden"][:rows], bufs["pooled"][:rows], bufs["micro"][:rows],
-                                        grid=(H, W))
-            step_fn = [fused_step] * n + [functools.partial(fused_step, ctx=plain_ctx, guidance=scale)] * (num_steps - n)
 
         steps = None
         if record:  # per-step records, written inside the graph
@@ -293,7 +281,7 @@ class FastDecoder:
                                  start_step=start_step, schedule=schedule, temperature=temperature,
                                  total=bufs.get("total"), draw="gumbel", generator=self.generator,
                                  callback=record_step if record else None,
-                                 fused_step=step_fn, order=order)
+                                 fused_step=fused_step, order=order)
         return tokens, self._vq_decode(tokens), steps
 
     def _capture(self, inputs, *settings) -> _Graph:

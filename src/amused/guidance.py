@@ -47,23 +47,17 @@ class ComposedGuidance:
     """How prompts of the form "SUBJECT, STYLE<style_suffix>" are guided: the guidance scale g is shared out as
     uncond + g * (w_prompt (c_prompt - uncond) + w_subject (c_subject - uncond) + w_style (c_style - uncond)).
     A prompt of another form gets ordinary guidance g. generation_config.json:
-    `"composed_guidance": {"weights": {"prompt": 0.5, "subject": 0.5, "style": 1.0}, "style_suffix": " style",
-    "end": 0.25}`.
-
-    `end` (as diffusers' `control_guidance_end`): composed guidance on the steps i of N with (i + 1) / N <= end,
-    ordinary guidance g by the whole prompt after (which needs a prompt weight). The first steps settle what the
-    picture shows; the later ones then run two U-ViT rows instead of 1 + K."""
+    `"composed_guidance": {"weights": {"prompt": 0.5, "subject": 0.5, "style": 1.0}, "style_suffix": " style"}`."""
 
     weights: tuple[tuple[str, float], ...]  # (term, weight) for the terms with a weight, in TERMS order
     style_suffix: str = " style"
-    end: float = 1.0  # the fraction of the schedule's steps that are composed
 
     @classmethod
     def from_config(cls, data) -> "ComposedGuidance":
         """From generation_config.json's value, checked (a checkpoint is untrusted); ValueError names the key."""
-        if not isinstance(data, dict) or set(data) - {"weights", "style_suffix", "end"} or "weights" not in data:
-            raise ValueError(f"composed_guidance must be {{\"weights\": {{...}}, \"style_suffix\": \"...\", "
-                             f"\"end\": ...}}, got {data!r:.80}")
+        if not isinstance(data, dict) or set(data) - {"weights", "style_suffix"} or "weights" not in data:
+            raise ValueError(f"composed_guidance must be {{\"weights\": {{...}}, \"style_suffix\": \"...\"}}, "
+                             f"got {data!r:.80}")
         weights, suffix = data["weights"], data.get("style_suffix", " style")
         if not isinstance(weights, dict) or set(weights) - set(TERMS):
             raise ValueError(f"composed_guidance.weights must map some of {', '.join(TERMS)} to numbers, "
@@ -76,21 +70,10 @@ class ComposedGuidance:
         if not isinstance(suffix, str) or not suffix.strip() or len(suffix) > 64 or SEPARATOR in suffix:
             raise ValueError(f"composed_guidance.style_suffix must be a short non-empty string without "
                              f"{SEPARATOR!r}, got {suffix!r:.80}")
-        end = data.get("end", 1.0)
-        if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0 < end <= 1:
-            raise ValueError(f"composed_guidance.end must be a number in (0, 1], got {end!r:.80}")
-        if end < 1 and not weights.get("prompt"):
-            raise ValueError("composed_guidance.end < 1 needs a non-zero weights.prompt: the later steps are guided "
-                             "by the whole prompt")
-        return cls(tuple((t, float(weights[t])) for t in TERMS if weights.get(t)), suffix, float(end))
+        return cls(tuple((t, float(weights[t])) for t in TERMS if weights.get(t)), suffix)
 
     def to_config(self) -> dict:
-        config = {"weights": dict(self.weights), "style_suffix": self.style_suffix}
-        return config | ({"end": self.end} if self.end < 1 else {})
-
-    def steps(self, num_steps: int) -> int:
-        """How many of a schedule's `num_steps` steps, from the first, are composed: i with (i + 1) / N <= end."""
-        return min(num_steps, math.floor(self.end * num_steps + 1e-9))
+        return {"weights": dict(self.weights), "style_suffix": self.style_suffix}
 
     def split(self, prompt: str) -> dict[str, str] | None:
         """"waving hand, medium skin tone, twitter style" -> {"prompt": ..., "subject": "waving hand, medium skin

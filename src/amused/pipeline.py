@@ -93,12 +93,6 @@ class PromptEmbeddings:
         """Rows per sample of a guided call: 2, or 1 + K with composed guidance (an unguided call has 1)."""
         return 1 + (self.weights.shape[0] if self.weights is not None else 1)
 
-    def ordinary(self) -> "PromptEmbeddings":
-        """A composed call's [negatives..., first term...] rows: ordinary guidance by the whole prompt (the first
-        term is the prompt whenever `ComposedGuidance.end` < 1)."""
-        rows = 2 * (self.hidden.shape[0] // self.parts)
-        return PromptEmbeddings(self.hidden[:rows], self.pooled[:rows])
-
 
 class AmusedPipeline:
     """Text-to-image; `AmusedImg2ImgPipeline` and `AmusedInpaintPipeline` add the image tasks.
@@ -368,9 +362,6 @@ class AmusedPipeline:
                                     o.negative_encoder_hidden_states, self.composed_guidance)
         batch = embeds.hidden.shape[0] // embeds.parts if guided else embeds.hidden.shape[0]
         guidance = guidance_scale if embeds.weights is None else embeds.weights * guidance_scale
-        # composed guidance on the first steps, ordinary guidance by the whole prompt after (ComposedGuidance.end)
-        composed_steps = num_inference_steps if embeds.weights is None else \
-            self.composed_guidance.steps(num_inference_steps)
         crop_top, crop_left = o.micro_conditioning_crop_coord
         micro_conds = torch.tensor([width, height, crop_top, crop_left, o.micro_conditioning_aesthetic_score],
                                    dtype=embeds.hidden.dtype).to(self.device, non_blocking=True)  # not blocking:
@@ -397,8 +388,7 @@ class AmusedPipeline:
             tokens, images, records = self._fast.run(
                 embeds=embeds, micro_conds=micro_conds, guidance_scale=guidance, start=start,
                 num_steps=num_inference_steps, schedule=schedule, temperature=temperature, generator=generator,
-                record=user_callback is not None, order=sampler,
-                ordinary=(composed_steps, guidance_scale) if composed_steps < num_inference_steps else None)
+                record=user_callback is not None, order=sampler)
             tokens = tokens.clone()  # graph outputs are overwritten by the next replay (images: by _finish)
             if records is not None:  # the graph recorded every step; hand them out now, in order
                 B = start.tokens.shape[0]
@@ -406,12 +396,7 @@ class AmusedPipeline:
                     on_step(i, sampling.StepResult(*(records[k][i].view(B, -1).clone()
                                                      for k in ("tokens", "predicted", "confidence"))))
         else:
-            grid = tuple(start.tokens.shape[1:])
-            logits_fn = self.logits_fn(embeds, micro_conds, guidance, grid=grid)
-            if composed_steps < num_inference_steps:
-                ordinary = embeds.ordinary()
-                later = self.logits_fn(ordinary, micro_conds[:ordinary.hidden.shape[0]], guidance_scale, grid=grid)
-                logits_fn = [logits_fn] * composed_steps + [later] * (num_inference_steps - composed_steps)
+            logits_fn = self.logits_fn(embeds, micro_conds, guidance, grid=tuple(start.tokens.shape[1:]))
             tokens = sampling.decode(logits_fn, start.tokens, num_steps=num_inference_steps,
                                      mask_token_id=self.scheduler.mask_token_id, start_step=start.start_step,
                                      schedule=schedule, temperature=temperature, total=start.total, draw=draw,

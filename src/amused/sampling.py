@@ -33,7 +33,7 @@ Random draws come in two flavours:
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
@@ -247,19 +247,17 @@ FusedStep = Callable[[torch.Tensor, StepInputs], StepResult]
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def decode(logits_fn: LogitsFn | Sequence[LogitsFn] | None, tokens: torch.Tensor, *, num_steps: int,
-           mask_token_id: int, start_step: int = 0, schedule: Schedule = "cosine",
-           temperature: float | tuple[float, float] = (2.0, 0.0), total: torch.Tensor | None = None,
-           draw: Draw = "reference", generator: torch.Generator | None = None,
-           callback: Callable[[int, StepResult], None] | None = None,
-           fused_step: FusedStep | Sequence[FusedStep] | None = None, order: Order = "confidence") -> torch.Tensor:
+def decode(logits_fn: LogitsFn | None, tokens: torch.Tensor, *, num_steps: int, mask_token_id: int,
+           start_step: int = 0, schedule: Schedule = "cosine", temperature: float | tuple[float, float] = (2.0, 0.0),
+           total: torch.Tensor | None = None, draw: Draw = "reference", generator: torch.Generator | None = None,
+           callback: Callable[[int, StepResult], None] | None = None, fused_step: FusedStep | None = None,
+           order: Order = "confidence") -> torch.Tensor:
     """Run the MaskGIT loop from `start_step` to the end. The one loop: the plain path runs it eagerly, the
     fast path (`amused.fast`) captures this very loop as a CUDA graph with a compiled `fused_step`.
 
     Args:
         logits_fn: `logits_fn(tokens (B, h, w), timestep 0-d tensor) -> (B, V, h, w)` logits (guidance already
-            applied); `timestep` is `step_timesteps(num_steps)[i]`, which a model may ignore. Or a sequence of
-            `num_steps` of them, one per step (composed guidance that ends part-way, `guidance.ComposedGuidance`).
+            applied); `timestep` is `step_timesteps(num_steps)[i]`, which a model may ignore.
         tokens: (B, h, w) starting grid; positions equal to `mask_token_id` are to be generated.
         num_steps: steps of the full schedule.
         mask_token_id: id of the mask token.
@@ -272,7 +270,7 @@ def decode(logits_fn: LogitsFn | Sequence[LogitsFn] | None, tokens: torch.Tensor
         callback: called as `callback(step, StepResult)` after every step.
         fused_step: instead of `logits_fn` + `unmask_step`, one callable doing a whole "gumbel" step:
             `fused_step(grid (B, L), StepInputs) -> StepResult`, drawing its own `gumbel_draws` from the same
-            generator (the fast path passes a compiled one). Or a sequence of `num_steps` of them, one per step.
+            generator (the fast path passes a compiled one).
         order: which samples stay revealed: "confidence" (MaskGIT) or "halton" (a fixed Halton order of
             positions), see the module docstring.
 
@@ -293,13 +291,11 @@ def decode(logits_fn: LogitsFn | Sequence[LogitsFn] | None, tokens: torch.Tensor
     lasts = torch.arange(num_steps, device=device) == num_steps - 1
     times = step_timesteps(num_steps, device)
     priority = halton_priority(H, W, device) if order == "halton" else None  # (L,) once per call
-    fused_steps, logits_fns = _per_step(fused_step, num_steps, "fused_step"), _per_step(logits_fn, num_steps,
-                                                                                         "logits_fn")
     for i in range(start_step, num_steps):
         if fused_step is not None:
-            result = fused_steps[i](grid, StepInputs(total, ratios[i], temps[i], lasts[i], times[i], priority))
+            result = fused_step(grid, StepInputs(total, ratios[i], temps[i], lasts[i], times[i], priority))
         else:
-            logits = logits_fns[i](grid.view(B, H, W), times[i])  # (B, V, h, w)
+            logits = logits_fn(grid.view(B, H, W), times[i])  # (B, V, h, w)
             logits = logits.reshape(B, logits.shape[1], H * W).transpose(1, 2)  # (B, L, V)
             draws = gumbel_draws(logits.shape, generator, logits.device) if draw == "gumbel" else None
             result = unmask_step(logits, grid, total, ratios[i], temps[i], mask_token_id, i == num_steps - 1, draw,
@@ -308,13 +304,3 @@ def decode(logits_fn: LogitsFn | Sequence[LogitsFn] | None, tokens: torch.Tensor
         if callback is not None:
             callback(i, result)
     return grid.view(B, H, W)
-
-
-def _per_step(fn, num_steps: int, name: str) -> list:
-    """One callable for every step, or a sequence of `num_steps` of them, as a list indexed by step."""
-    if fn is None or callable(fn):
-        return [fn] * num_steps
-    fns = list(fn)
-    if len(fns) != num_steps:
-        raise ValueError(f"{name}: {len(fns)} per-step functions for {num_steps} steps")
-    return fns
