@@ -22,7 +22,7 @@ def composed(**weights):
 
 def logits(pipe, prompts, g, spec=None):
     """The first decoding step's logits of `prompts`, guided (g > 1) as a call composes them."""
-    embeds = pipe.encode_prompt(prompts, None, 1, g > 1, composed=spec)
+    embeds = pipe.encode_prompt(prompts, None, 1, g > 1, composed=spec, guidance_scale=g)
     guidance = g if embeds.weights is None else embeds.weights * g
     fn = pipe.logits_fn(embeds, MICRO.expand(embeds.hidden.shape[0], -1), guidance, grid=(4, 4))
     return fn(TOKENS[:len(prompts)], torch.tensor(0.5))
@@ -110,3 +110,42 @@ def test_bad_config_names_the_file(ours, tmp_path):
     path.write_text(json.dumps({"composed_guidance": {"weights": {"prompt": "x"}}}))
     with pytest.raises(CheckpointError, match="generation_config.json.*weights.prompt must be a finite number"):
         AmusedPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_weights_summing_to_one_run_no_unconditional_rows(ours):
+    """1 - g * sum(w) is the unconditional prediction's weight: at 0 its rows are not run, and the mix is the
+    same (c_1 + sum_k>1 w_k (c_k - c_1) == uncond + sum_k w_k (c_k - uncond) when sum_k w_k = 1)."""
+    prompts = ["a cat, ink style", "a dog, oil style"]
+    spec = composed(prompt=0.4, subject=0.2)  # at g = 2.5: 1.0 and 0.5, sum 1.5 != 1; at g = 1 / 0.6: sum 1
+    g = 1 / 0.6
+    embeds = ours.encode_prompt(prompts, None, 2, True, composed=spec, guidance_scale=g)
+    assert embeds.parts == 2 and embeds.hidden.shape[0] == 2 * 4 and embeds.weights.shape == (1, 4)
+    texts = {"prompt": prompts, "subject": ["a cat", "a dog"]}
+    reference = {term: logits(ours, t, 1.0) for term, t in texts.items()}  # unguided: the conditional predictions
+    uncond = logits(ours, ["", ""], 1.0)
+    expected = uncond + sum(w * g * (reference[t] - uncond) for t, w in spec.weights)
+    torch.testing.assert_close(logits(ours, prompts, g, spec), expected)
+    # not at another scale, nor in a batch with a prompt without a style (it needs the unconditional rows)
+    assert ours.encode_prompt(prompts, None, 1, True, composed=spec, guidance_scale=2.5).parts == 3
+    assert ours.encode_prompt(["a cat, ink style", "a dog"], None, 1, True, composed=spec,
+                              guidance_scale=g).parts == 3
+    with pytest.warns(UserWarning, match="negative prompt has no effect"):
+        ours.encode_prompt(prompts, "blurry", 1, True, composed=spec, guidance_scale=g)
+
+
+def test_a_call_without_unconditional_rows_runs_fewer_rows(ours):
+    rows, forward = [], ours.transformer.forward_tokens
+
+    def counting(tokens, *args):
+        rows.append(tokens.shape[0])
+        return forward(tokens, *args)
+    ours.composed_guidance = composed(prompt=0.4, subject=0.2)
+    ours.transformer.forward_tokens = counting
+    try:
+        for g in (2.5, 1 / 0.6):
+            ours("a cat, ink style", generator=torch.Generator().manual_seed(0), guidance_scale=g,
+                 num_inference_steps=2, output_type="latent")
+    finally:
+        del ours.transformer.forward_tokens
+        ours.composed_guidance = None
+    assert rows == [3, 3, 2, 2]

@@ -64,18 +64,22 @@ def test_graph_program_equals_plain_path_with_same_noise(ref_dir):
     torch.testing.assert_close(images, expected_images, rtol=1e-5, atol=1e-5)
 
 
-def test_graph_program_takes_composed_guidance_weights_as_an_input(ref_dir):
+@pytest.mark.parametrize("weights, prompts, rows", [
+    ({"prompt": 0.5, "subject": 0.5, "style": 1.0}, ["a cat, ink style", "a dog"], 4),
+    ({"prompt": 0.06, "subject": 0.04}, ["a cat, ink style", "a dog, oil style"], 2),  # sum 1 / g: no uncond rows
+])
+def test_graph_program_takes_composed_guidance_weights_as_an_input(ref_dir, weights, prompts, rows):
     """Composed guidance (amused.guidance): the (K, B) weights are a graph buffer, so one capture serves every
-    weight; the program equals the plain path on them."""
+    weight; the program equals the plain path on them, with or without the unconditional rows."""
     from amused.guidance import ComposedGuidance
 
     plain = AmusedPipeline.from_pretrained(ref_dir)
     fast = FastDecoder(AmusedPipeline.from_pretrained(ref_dir), compile=False, vq_dtype=torch.float32)
-    spec = ComposedGuidance.from_config({"weights": {"prompt": 0.5, "subject": 0.5, "style": 1.0}})
+    spec = ComposedGuidance.from_config({"weights": weights})
     with torch.inference_mode():
-        embeds = plain.encode_prompt(["a cat, ink style", "a dog"], None, 1, True, composed=spec)
-        assert embeds.weights.shape == (3, 2)
-        micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(8, -1)
+        embeds = plain.encode_prompt(prompts, None, 1, True, composed=spec, guidance_scale=10.0)
+        assert embeds.parts == rows and embeds.weights.shape == (rows - 1, 2)
+        micro = torch.tensor([[16.0, 16, 0, 0, 6]]).expand(2 * rows, -1)
         start = torch.full((2, 8, 8), 23)
         weights = embeds.weights * 10.0
         expected = sampling.decode(plain.logits_fn(embeds, micro, weights), start, num_steps=6, mask_token_id=23,

@@ -55,16 +55,22 @@ def test_text_to_image_fast_equals_plain(published, batch):
     assert torch.equal(fast, plain)
 
 
-def test_composed_guidance_fast_equals_plain(published):
+@pytest.mark.parametrize("weights", [{"prompt": 0.5, "subject": 0.5, "style": 1.0}, {"prompt": 0.06, "subject": 0.04}])
+def test_composed_guidance_fast_equals_plain(published, weights):
     """Composed guidance (a checkpoint's generation_config.json) on the graph path: its weights are a graph input,
-    so a styled batch, a plain one and a mixed one all equal the plain loop."""
+    so a styled batch, a plain one and a mixed one all equal the plain loop; also with weights that sum to 1 / g
+    (g = 10 here), where a styled batch runs no unconditional rows."""
     from amused.guidance import ComposedGuidance
 
-    published.composed_guidance = ComposedGuidance.from_config({"weights": {"prompt": 0.5, "subject": 0.5,
-                                                                            "style": 1.0}})
+    published.composed_guidance = ComposedGuidance.from_config({"weights": weights})
     try:
         for prompts in (["a red apple, ink style", "a cat, oil style"], ["a red apple, ink style", "a cat"]):
-            fast, plain = _both(published, lambda p: p(prompts, generator=_gen(3), output_type="latent").images)
+            embeds = published.encode_prompt(prompts, None, 1, True, composed=published.composed_guidance,
+                                             guidance_scale=10.0)
+            without_unconditional = sum(weights.values()) == pytest.approx(0.1) and "," in prompts[1]
+            assert embeds.parts == len(weights) + (0 if without_unconditional else 1)
+            fast, plain = _both(published, lambda p: p(prompts, generator=_gen(3), guidance_scale=10.0,
+                                                       output_type="latent").images)
             assert torch.equal(fast, plain)
     finally:
         published.composed_guidance = None

@@ -5,7 +5,9 @@ transformer, which is conditioned on it).
 
 Composed guidance (Liu et al., "Compositional Visual Generation with Composable Diffusion Models", 2022) mixes
 several conditions' directions: uncond + sum_k w_k (cond_k - uncond), with `ctx` holding [negatives..., term 1...,
-term 2..., ...]. `ComposedGuidance` says how a checkpoint splits its prompts into terms ("dog face, google style" ->
+term 2..., ...]. When the weights sum to 1, the unconditional prediction's weight (1 - sum_k w_k) is 0: the mix is
+then cond_1 + sum_{k>1} w_k (cond_k - cond_1), a product of the terms' distributions, and `ctx` holds only the
+terms (one U-ViT row fewer per image). `ComposedGuidance` says how a checkpoint splits its prompts into terms ("dog face, google style" ->
 the prompt, "dog face" and "google style"); the embedded emoji model sets it in generation_config.json, so that an
 (emoji, style) pair it never saw is drawn from the emoji's and the style's directions."""
 
@@ -26,8 +28,10 @@ def guided_logits(model, tokens: torch.Tensor, ctx, guidance: float | torch.Tens
 
     `guidance`: a float g, classifier-free guidance when g > 1 (`ctx` then holds [negatives..., positives...]):
     uncond + g * (cond - uncond); or a (K, B) tensor of per-sample weights w, composed guidance over K terms (`ctx`
-    holds [negatives..., term 1..., ..., term K...]): uncond + sum_k w_k * (cond_k - uncond). `timestep`: the
-    step's scheduler timestep, a 0-d tensor (`sampling.step_timesteps`), shared by every part."""
+    holds [base..., term 1..., ..., term K...]): base + sum_k w_k * (cond_k - base), the base being the
+    unconditional prediction (the negatives' rows), or the first term when its weight is 0 (see the module
+    docstring). `timestep`: the step's scheduler timestep, a 0-d tensor (`sampling.step_timesteps`), shared by
+    every part."""
     if isinstance(guidance, torch.Tensor):
         k = guidance.shape[0]
         uncond, *conds = model.forward_tokens(torch.cat([tokens] * (k + 1)), ctx, timestep).chunk(k + 1)
@@ -74,6 +78,12 @@ class ComposedGuidance:
 
     def to_config(self) -> dict:
         return {"weights": dict(self.weights), "style_suffix": self.style_suffix}
+
+    def without_unconditional(self, prompts: list[str], guidance_scale: float) -> bool:
+        """Whether the unconditional prediction's weight, 1 - g * sum_k w_k, is 0 for every prompt (each has a
+        style part, and the weights sum to 1 / g): its rows are then not run (see the module docstring)."""
+        return math.isclose(guidance_scale * sum(w for _, w in self.weights), 1.0, abs_tol=1e-6) and all(
+            self.split(p) is not None for p in prompts)
 
     def split(self, prompt: str) -> dict[str, str] | None:
         """"waving hand, medium skin tone, twitter style" -> {"prompt": ..., "subject": "waving hand, medium skin

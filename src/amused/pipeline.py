@@ -82,15 +82,18 @@ class AmusedPipelineOutput:
 @dataclass
 class PromptEmbeddings:
     """Text conditioning for one call, in guidance order: [negatives..., positives...] when guided; with composed
-    guidance [negatives..., term 1..., ..., term K...] and the terms' weights."""
+    guidance [negatives..., term 1..., ..., term K...] and the terms' weights, or, when the unconditional
+    prediction's weight is 0 (`ComposedGuidance.without_unconditional`), [term 1..., ..., term K...] and the
+    weights of terms 2..K (`guidance.guided_logits`: the first rows are the base the others mix around)."""
 
-    hidden: torch.Tensor  # (rows, S, D): B rows, 2B guided, (1 + K) B composed
+    hidden: torch.Tensor  # (rows, S, D): B rows, 2B guided, (1 + K) B composed (K B without the negatives)
     pooled: torch.Tensor  # (rows, P)
     weights: torch.Tensor | None = None  # (K, B) composed guidance weights (times the guidance scale), else None
 
     @property
     def parts(self) -> int:
-        """Rows per sample of a guided call: 2, or 1 + K with composed guidance (an unguided call has 1)."""
+        """Rows per sample of a guided call: 2, or 1 + K with composed guidance's K weights (an unguided call has
+        1)."""
         return 1 + (self.weights.shape[0] if self.weights is not None else 1)
 
 
@@ -231,10 +234,12 @@ class AmusedPipeline:
     def encode_prompt(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None,
                       num_images_per_prompt: int, guided: bool, prompt_embeds=None, encoder_hidden_states=None,
                       negative_prompt_embeds=None, negative_encoder_hidden_states=None,
-                      composed: ComposedGuidance | None = None) -> PromptEmbeddings:
+                      composed: ComposedGuidance | None = None, guidance_scale: float | None = None
+                      ) -> PromptEmbeddings:
         """Text conditioning in the order the guided batch uses: [negatives..., positives...]; with `composed`
         (guided text prompts only) [negatives..., term 1..., ..., term K...] and the terms' weights, unless no
-        prompt has a style part."""
+        prompt has a style part; without the negatives when the unconditional prediction's weight is 0 at
+        `guidance_scale` (`ComposedGuidance.without_unconditional`; a negative prompt then has no effect)."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` or `prompt_embeds`")
         if (prompt_embeds is None) != (encoder_hidden_states is None):
@@ -266,6 +271,12 @@ class AmusedPipeline:
             pooled = pooled.reshape(k, n, -1).repeat(1, num_images_per_prompt, 1).flatten(0, 1)
         if not guided:
             return PromptEmbeddings(hidden, pooled)
+        if split is not None and guidance_scale is not None and composed.without_unconditional(prompts,
+                                                                                               guidance_scale):
+            if negative_prompt is not None or negative_prompt_embeds is not None:
+                warnings.warn("the negative prompt has no effect here: this checkpoint's composed guidance gives "
+                              "the unconditional prediction weight 0 at this guidance_scale", stacklevel=3)
+            return PromptEmbeddings(hidden, pooled, split[1][1:].repeat(1, num_images_per_prompt).to(self.device))
         if negative_prompt_embeds is not None:
             neg_hidden = negative_encoder_hidden_states.to(self.device, self.dtype)
             neg_pooled = negative_prompt_embeds.to(self.device, self.dtype)
@@ -359,7 +370,7 @@ class AmusedPipeline:
         guided = guidance_scale > 1.0
         embeds = self.encode_prompt(o.prompt, o.negative_prompt, o.num_images_per_prompt, guided, o.prompt_embeds,
                                     o.encoder_hidden_states, o.negative_prompt_embeds,
-                                    o.negative_encoder_hidden_states, self.composed_guidance)
+                                    o.negative_encoder_hidden_states, self.composed_guidance, guidance_scale)
         batch = embeds.hidden.shape[0] // embeds.parts if guided else embeds.hidden.shape[0]
         guidance = guidance_scale if embeds.weights is None else embeds.weights * guidance_scale
         crop_top, crop_left = o.micro_conditioning_crop_coord
