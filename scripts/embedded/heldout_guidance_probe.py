@@ -8,8 +8,9 @@ c_style the style alone ("google style") and uncond the empty prompt (up to four
 composed guidance (amused.guidance.ComposedGuidance, which a model's generation_config.json can set). w_full = g with
 the others 0 is ordinary guidance g; w_name and w_style alone are the composition of Liu et al., "Compositional
 Visual Generation with Composable Diffusion Models" (2022), which needs a model trained on style-only captions
-(`add_styleless_captions.py --style-only`). Session 11's split guidance `uncond + g_name (c_name - uncond) + g_style
-(c_full - c_name)` is w_full = g_style, w_name = g_name - g_style.
+(`add_styleless_captions.py --style-only`). Weights that sum to 1 give the unconditional prediction weight 0: the
+pipeline then runs no unconditional rows (a product of the terms' predictions). Session 11's split guidance
+`uncond + g_name (c_name - uncond) + g_style (c_full - c_name)` is w_full = g_style, w_name = g_name - g_style.
 
 Scored as `amused eval` scores them (seed 0, batches of 32, the model's steps and temperature, top-1 retrieval of the
 emoji and the style): the held-out pairs and the same 200 training captions as the eval (`--num-train`). A probe for
