@@ -12,6 +12,7 @@ import collections
 import io
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -103,9 +104,21 @@ def test_the_proxys_own_answers_get_the_apis_error_shape():
 # ----------------------------------------------------------------------------------------------------------
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: Ray's own processes take ephemeral ports while the server
+    starts, and once took the one picked here (its proxy then failed to bind)."""
+    low = 32768
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    for port in random.Random().sample(range(max(1024, low - 10000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def replica_pids(proc: subprocess.Popen) -> list[int]:
