@@ -3,6 +3,7 @@
 every call of a checkpoint without it, keeps ordinary guidance."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -131,6 +132,9 @@ def test_weights_summing_to_one_run_no_unconditional_rows(ours):
                               guidance_scale=g).parts == 3
     with pytest.warns(UserWarning, match="negative prompt has no effect"):
         ours.encode_prompt(prompts, "blurry", 1, True, composed=spec, guidance_scale=g)
+    with warnings.catch_warnings():  # empty negatives (what the server sends for "none") are the unconditional
+        warnings.simplefilter("error")
+        ours.encode_prompt(prompts, ["", ""], 1, True, composed=spec, guidance_scale=g)
 
 
 def test_a_call_without_unconditional_rows_runs_fewer_rows(ours):

@@ -273,7 +273,8 @@ class AmusedPipeline:
             return PromptEmbeddings(hidden, pooled)
         if split is not None and guidance_scale is not None and composed.without_unconditional(prompts,
                                                                                                guidance_scale):
-            if negative_prompt is not None or negative_prompt_embeds is not None:
+            named = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+            if any(named) or negative_prompt_embeds is not None:  # "" (the faces' "none") is the unconditional
                 warnings.warn("the negative prompt has no effect here: this checkpoint's composed guidance gives "
                               "the unconditional prediction weight 0 at this guidance_scale", stacklevel=3)
             return PromptEmbeddings(hidden, pooled, split[1][1:].repeat(1, num_images_per_prompt).to(self.device))
