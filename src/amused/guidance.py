@@ -7,9 +7,10 @@ Composed guidance (Liu et al., "Compositional Visual Generation with Composable 
 several conditions' directions: uncond + sum_k w_k (cond_k - uncond), with `ctx` holding [negatives..., term 1...,
 term 2..., ...]. When the weights sum to 1, the unconditional prediction's weight (1 - sum_k w_k) is 0: the mix is
 then cond_1 + sum_{k>1} w_k (cond_k - cond_1), a product of the terms' distributions, and `ctx` holds only the
-terms (one U-ViT row fewer per image). `ComposedGuidance` says how a checkpoint splits its prompts into terms ("dog face, google style" ->
-the prompt, "dog face" and "google style"); the embedded emoji model sets it in generation_config.json, so that an
-(emoji, style) pair it never saw is drawn from the emoji's and the style's directions."""
+terms (one U-ViT row fewer per image). `ComposedGuidance` says how a checkpoint splits its prompts into terms
+("dog face, google style" -> the prompt, "dog face" and "google style"); the embedded emoji model sets it in
+generation_config.json, so that an (emoji, style) pair it never saw is drawn from the emoji's direction as well as
+the pair's."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def guided_logits(model, tokens: torch.Tensor, ctx, guidance: float | torch.Tens
     `guidance`: a float g, classifier-free guidance when g > 1 (`ctx` then holds [negatives..., positives...]):
     uncond + g * (cond - uncond); or a (K, B) tensor of per-sample weights w, composed guidance over K terms (`ctx`
     holds [base..., term 1..., ..., term K...]): base + sum_k w_k * (cond_k - base), the base being the
-    unconditional prediction (the negatives' rows), or the first term when its weight is 0 (see the module
-    docstring). `timestep`: the step's scheduler timestep, a 0-d tensor (`sampling.step_timesteps`), shared by
+    unconditional prediction (the negatives' rows) or, where that has weight 0, the first of the composed terms
+    (see the module docstring). `timestep`: the step's scheduler timestep, a 0-d tensor (`sampling.step_timesteps`), shared by
     every part."""
     if isinstance(guidance, torch.Tensor):
         k = guidance.shape[0]
