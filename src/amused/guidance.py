@@ -31,8 +31,8 @@ def guided_logits(model, tokens: torch.Tensor, ctx, guidance: float | torch.Tens
     uncond + g * (cond - uncond); or a (K, B) tensor of per-sample weights w, composed guidance over K terms (`ctx`
     holds [base..., term 1..., ..., term K...]): base + sum_k w_k * (cond_k - base), the base being the
     unconditional prediction (the negatives' rows) or, where that has weight 0, the first of the composed terms
-    (see the module docstring). `timestep`: the step's scheduler timestep, a 0-d tensor (`sampling.step_timesteps`), shared by
-    every part."""
+    (see the module docstring). `timestep`: the step's scheduler timestep, a 0-d tensor
+    (`sampling.step_timesteps`), shared by every part."""
     if isinstance(guidance, torch.Tensor):
         k = guidance.shape[0]
         uncond, *conds = model.forward_tokens(torch.cat([tokens] * (k + 1)), ctx, timestep).chunk(k + 1)
