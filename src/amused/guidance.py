@@ -35,11 +35,11 @@ def guided_logits(model, tokens: torch.Tensor, ctx, guidance: float | torch.Tens
     (`sampling.step_timesteps`), shared by every part."""
     if isinstance(guidance, torch.Tensor):
         k = guidance.shape[0]
-        uncond, *conds = model.forward_tokens(torch.cat([tokens] * (k + 1)), ctx, timestep).chunk(k + 1)
-        weights = guidance.to(uncond.dtype)[:, :, None, None, None]  # (K, B, 1, 1, 1)
-        out = uncond
+        base, *conds = model.forward_tokens(torch.cat([tokens] * (k + 1)), ctx, timestep).chunk(k + 1)
+        weights = guidance.to(base.dtype)[:, :, None, None, None]  # (K, B, 1, 1, 1)
+        out = base
         for w, cond in zip(weights, conds):
-            out = out + w * (cond - uncond)
+            out = out + w * (cond - base)
         return out
     if guidance <= 1.0:
         return model.forward_tokens(tokens, ctx, timestep)
@@ -80,12 +80,6 @@ class ComposedGuidance:
     def to_config(self) -> dict:
         return {"weights": dict(self.weights), "style_suffix": self.style_suffix}
 
-    def without_unconditional(self, prompts: list[str], guidance_scale: float) -> bool:
-        """Whether the unconditional prediction's weight, 1 - g * sum_k w_k, is 0 for every prompt (each has a
-        style part, and the weights sum to 1 / g): its rows are then not run (see the module docstring)."""
-        return math.isclose(guidance_scale * sum(w for _, w in self.weights), 1.0, abs_tol=1e-6) and all(
-            self.split(p) is not None for p in prompts)
-
     def split(self, prompt: str) -> dict[str, str] | None:
         """"waving hand, medium skin tone, twitter style" -> {"prompt": ..., "subject": "waving hand, medium skin
         tone", "style": "twitter style"}; None for a prompt without a style part."""
@@ -107,3 +101,10 @@ class ComposedGuidance:
                  for term, _ in self.weights]
         weights = torch.tensor([[w if p is not None else 1.0 / k for p in parts] for _, w in self.weights])
         return texts, weights
+
+
+def unconditional_weight(weights: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The unconditional prediction's weight in composed guidance, 1 - g * sum_k w_k, per image: (B,) from the
+    (K, B) weights of `ComposedGuidance.terms`. Where it is 0 for every image, its rows need not run (see the module
+    docstring); a prompt without a style part (weights 1/K each) has 1 - g."""
+    return 1.0 - guidance_scale * weights.double().sum(dim=0)

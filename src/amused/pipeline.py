@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import sampling
-from .guidance import ComposedGuidance, guided_logits
+from .guidance import ComposedGuidance, guided_logits, unconditional_weight
 from .images import from_device, output_tensor, to_host
 from .components import AMUSED, SAMPLERS, Family, SchedulerConfig, load_components, save_components
 from .models.text_encoder import TextEncoder
@@ -83,7 +83,7 @@ class AmusedPipelineOutput:
 class PromptEmbeddings:
     """Text conditioning for one call, in guidance order: [negatives..., positives...] when guided; with composed
     guidance [negatives..., term 1..., ..., term K...] and the terms' weights, or, when the unconditional
-    prediction's weight is 0 (`ComposedGuidance.without_unconditional`), [term 1..., ..., term K...] and the
+    prediction's weight is 0 (`guidance.unconditional_weight`), [term 1..., ..., term K...] and the
     weights of terms 2..K (`guidance.guided_logits`: the first rows are the base the others mix around)."""
 
     hidden: torch.Tensor  # (rows, S, D): B rows, 2B guided, (1 + K) B composed (K B without the negatives)
@@ -239,7 +239,7 @@ class AmusedPipeline:
         """Text conditioning in the order the guided batch uses: [negatives..., positives...]; with `composed`
         (guided text prompts only) [negatives..., term 1..., ..., term K...] and the terms' weights, unless no
         prompt has a style part; without the negatives when the unconditional prediction's weight is 0 at
-        `guidance_scale` (`ComposedGuidance.without_unconditional`; a negative prompt then has no effect)."""
+        `guidance_scale` (`guidance.unconditional_weight`; a negative prompt then has no effect)."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` or `prompt_embeds`")
         if (prompt_embeds is None) != (encoder_hidden_states is None):
@@ -271,13 +271,14 @@ class AmusedPipeline:
             pooled = pooled.reshape(k, n, -1).repeat(1, num_images_per_prompt, 1).flatten(0, 1)
         if not guided:
             return PromptEmbeddings(hidden, pooled)
-        if split is not None and guidance_scale is not None and composed.without_unconditional(prompts,
-                                                                                               guidance_scale):
+        weights = None if split is None else split[1].repeat(1, num_images_per_prompt)  # (K, images)
+        if weights is not None and guidance_scale is not None and \
+                unconditional_weight(weights, guidance_scale).abs().max() < 1e-6:
             named = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
             if any(named) or negative_prompt_embeds is not None:  # "" (the faces' "none") is the unconditional
                 warnings.warn("the negative prompt has no effect here: this checkpoint's composed guidance gives "
                               "the unconditional prediction weight 0 at this guidance_scale", stacklevel=3)
-            return PromptEmbeddings(hidden, pooled, split[1][1:].repeat(1, num_images_per_prompt).to(self.device))
+            return PromptEmbeddings(hidden, pooled, weights[1:].to(self.device))
         if negative_prompt_embeds is not None:
             neg_hidden = negative_encoder_hidden_states.to(self.device, self.dtype)
             neg_pooled = negative_prompt_embeds.to(self.device, self.dtype)
@@ -295,8 +296,8 @@ class AmusedPipeline:
         if num_images_per_prompt > 1:
             neg_hidden = neg_hidden.repeat(num_images_per_prompt, 1, 1)
             neg_pooled = neg_pooled.repeat(num_images_per_prompt, 1)
-        weights = None if split is None else split[1].repeat(1, num_images_per_prompt).to(self.device)
-        return PromptEmbeddings(torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]), weights)
+        return PromptEmbeddings(torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]),
+                                None if weights is None else weights.to(self.device))
 
     # ------------------------------------------------------------------------------------------------------
     # The shared generation path
